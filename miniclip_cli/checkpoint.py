@@ -1,0 +1,155 @@
+"""The one owner of the run-folder format. Nothing here unpickles: weights are safetensors, the rest JSON.
+
+A run folder holds:
+  config.json          the RunConfig the model was built from
+  tokenizer.json       the caption tokenizer
+  best.safetensors     model weights with the best validation mean recall
+  last.safetensors     model weights at the end of the latest epoch
+  resume.safetensors   model + optimizer tensors and (in its metadata) the loop's counters, for --resume
+  history.jsonl        one JSON record per epoch
+Every file is written to a temporary name, flushed and renamed, so a crash never leaves half a file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .config import RunConfig
+from .errors import CheckpointError
+from .model import MiniCLIP
+from .tokenizer import Tokenizer
+
+CONFIG, TOKENIZER, BEST, LAST, RESUME, HISTORY = (
+    "config.json", "tokenizer.json", "best.safetensors", "last.safetensors", "resume.safetensors", "history.jsonl")
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call write(tmp_path), fsync, then rename over `path`: readers see the old file or the new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+
+
+def save_weights(path: Path, model: MiniCLIP) -> None:
+    atomic_write(path, lambda tmp: save_file(_contiguous(model.state_dict()), str(tmp)))
+
+
+def save_run_files(run: Path, config: RunConfig, tokenizer: Tokenizer) -> None:
+    atomic_write_text(run / CONFIG, config.to_json())
+    atomic_write(run / TOKENIZER, tokenizer.save)
+
+
+def save_resume(run: Path, model: MiniCLIP, optimizer: torch.optim.Optimizer, counters: dict) -> None:
+    """Model and optimizer tensors in one file, with the counters and optimizer groups in its metadata,
+    so the weights and the counters can never come from two different moments."""
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    opt = optimizer.state_dict()
+    for index, state in opt["state"].items():
+        for name, value in state.items():
+            tensors[f"optim.{index}.{name}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    tensors["rng.torch"] = torch.get_rng_state()
+    meta = {"counters": json.dumps(counters), "param_groups": json.dumps(opt["param_groups"])}
+    atomic_write(run / RESUME, lambda tmp: save_file(_contiguous(tensors), str(tmp), metadata=meta))
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing; train the run first (`miniclip train --out {path.parent}`)")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({str(exc)[:80]}); "
+                              "it is corrupt or not a miniclip checkpoint, restore it or retrain") from None
+
+
+def load_resume(run: Path, model: MiniCLIP, optimizer: torch.optim.Optimizer) -> dict:
+    path = run / RESUME
+    tensors = _read_safetensors(path)
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    try:
+        counters = json.loads(meta["counters"])
+        groups = json.loads(meta["param_groups"])
+    except (KeyError, json.JSONDecodeError):
+        raise CheckpointError(f"{path}: has no training counters; it was not written by `miniclip train`") from None
+    _load_model_state(model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, path)
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value
+    try:
+        optimizer.load_state_dict({"state": state, "param_groups": groups})
+    except (ValueError, KeyError, RuntimeError) as exc:
+        raise CheckpointError(f"{path}: optimizer state does not match the model ({exc}); start a new run") from None
+    torch.set_rng_state(tensors["rng.torch"])
+    return counters
+
+
+def _load_model_state(model: MiniCLIP, state: dict[str, torch.Tensor], path: Path) -> None:
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    if missing or unexpected or wrong:
+        detail = (f"missing {missing[:2]}" if missing else f"unexpected {unexpected[:2]}" if unexpected
+                  else f"{wrong[0]} is {tuple(state[wrong[0]].shape)}, config.json says {tuple(expected[wrong[0]].shape)}")
+        raise CheckpointError(f"{path}: weights do not match config.json ({detail}); "
+                              "the folder mixes files from different runs, retrain or restore them together")
+    model.load_state_dict(state)
+
+
+def load_run(run: str | Path, which: str = "best") -> tuple[MiniCLIP, RunConfig, Tokenizer]:
+    """Rebuild a trained model from its run folder: config first, then tokenizer, then weights."""
+    run = Path(run).expanduser()
+    if not run.is_dir():
+        raise CheckpointError(f"{run}: no such run folder; pass the --out folder of `miniclip train`")
+    config = RunConfig.load(run / CONFIG)
+    tokenizer = Tokenizer.load(run / TOKENIZER)
+    if tokenizer.vocab_size != config.model.vocab_size:
+        raise CheckpointError(f"{run / TOKENIZER}: vocabulary of {tokenizer.vocab_size} tokens, but config.json's model "
+                              f"has {config.model.vocab_size}; put back the tokenizer this run was trained with")
+    model = MiniCLIP(config.model)
+    weights = run / (BEST if which == "best" else LAST)
+    if which == "best" and not weights.is_file() and (run / LAST).is_file():
+        weights = run / LAST
+    _load_model_state(model, _read_safetensors(weights), weights)
+    model.eval()
+    return model, config, tokenizer
+
+
+def read_history(run: Path) -> list[dict]:
+    path = Path(run) / HISTORY
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def write_history(run: Path, history: list[dict]) -> None:
+    atomic_write_text(Path(run) / HISTORY, "".join(json.dumps(r) + "\n" for r in history))

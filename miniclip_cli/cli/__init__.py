@@ -1,0 +1,55 @@
+"""The `miniclip` command: a Typer app with one thin module per subcommand (parse, call, render)."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import typer
+
+from ..errors import MiniclipError
+from ..ui.console import err
+
+app = typer.Typer(
+    name="miniclip",
+    help="Train, evaluate and use a small CLIP model (image-text dual encoder), from scratch, on a laptop.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",
+    add_completion=False,
+)
+_debug = {"on": os.environ.get("MINICLIP_DEBUG", "") not in ("", "0")}
+
+
+@app.callback()
+def _root(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks (or set MINICLIP_DEBUG=1).")):
+    if debug:
+        _debug["on"] = True
+
+
+def command(name: str):
+    """Register a subcommand whose MiniclipErrors become one red line on stderr and their exit code."""
+
+    def register(function):
+        @functools.wraps(function)
+        def run(*args, **kwargs):
+            try:
+                return function(*args, **kwargs)
+            except MiniclipError as error:
+                if _debug["on"]:
+                    raise
+                err.print(f"[bold red]error:[/] {error}", soft_wrap=True)
+                raise typer.Exit(error.exit_code) from None
+
+        app.command(name)(run)
+        return function
+
+    return register
+
+
+def main() -> None:
+    app()
+
+
+# Imported last: each module registers its commands on `app` through `command`.
+from . import classify, evaluate, train  # noqa: E402, F401

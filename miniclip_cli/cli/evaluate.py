@@ -1,0 +1,100 @@
+"""`miniclip eval`: retrieval recall on a caption dataset and zero-shot accuracy on an image folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from ..checkpoint import load_run
+from ..data.images import ImageFolder, Preprocess
+from ..device import pick_device
+from ..errors import ConfigError
+from ..evaluate import evaluate_retrieval, evaluate_zero_shot
+from ..ui import tables
+from ..ui.console import out
+from ..ui.progress import CountProgress
+from . import command
+from .common import open_dataset, print_json, split_items
+
+
+def held_out_summary(folder: ImageFolder, metrics: dict) -> dict:
+    """When the folder lists classes kept out of training (held_out.json, as the built-in data does),
+    their accuracy next to chance and to the classes seen in training."""
+    listing = folder.root / "held_out.json"
+    if not listing.is_file():
+        return {}
+    held = set(json.loads(listing.read_text(encoding="utf-8")))
+    per_class = metrics["per_class"]
+    held_scores = [v for k, v in per_class.items() if k in held]
+    seen_scores = [v for k, v in per_class.items() if k not in held]
+    return {"held_out_classes": sorted(held), "held_out_top1": sum(held_scores) / max(len(held_scores), 1),
+            "seen_top1": sum(seen_scores) / max(len(seen_scores), 1), "chance": 100.0 / len(folder.class_names)}
+
+
+@command("eval")
+def eval_command(
+    run: Path = typer.Argument(..., help="A run folder written by `miniclip train`."),
+    data: Optional[str] = typer.Option(None, "--data", help="Caption dataset for retrieval. Default: the run's own dataset."),
+    split: str = typer.Option("test", "--split", help="train, val, test or all."),
+    zero_shot: Optional[Path] = typer.Option(None, "--zero-shot", help="Image folder <class>/<image> for zero-shot classification."),
+    templates: Optional[List[str]] = typer.Option(None, "--template", help="Prompt with {} for the class name; repeat to average several."),
+    which: str = typer.Option("best", "--checkpoint", help="best or last."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
+    precision: str = typer.Option("auto", "--precision", help="auto, fp32 or bf16."),
+    allow_outside_paths: bool = typer.Option(False, "--allow-outside-paths", help="Accept image paths outside the dataset folder."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
+):
+    """Evaluate a trained run: image<->text retrieval recall@1/5/10 and zero-shot classification.
+
+    With neither --data nor --zero-shot it evaluates the run's own dataset (test split) and, when the run
+    has one, its zero-shot folder.
+
+    Examples:
+
+        miniclip eval artifacts/runs/f30k --data ~/datasets/flickr30k --split test
+
+        miniclip eval artifacts/runs/f30k --zero-shot ~/datasets/cifar10/test --template "a photo of a {}."
+    """
+    if which not in ("best", "last"):
+        raise ConfigError(f"--checkpoint must be best or last, got {which!r}")
+    for template in templates or []:
+        if "{}" not in template:
+            raise ConfigError(f"--template {template!r} has no {{}} where the class name goes; e.g. 'a photo of a {{}}.'")
+    model, config, tokenizer = load_run(run, which)
+    torch_device = pick_device(device)
+    model.to(torch_device)
+    preprocess = Preprocess(config.model.image_size, config.data.mean, config.data.std)
+    if data is None and zero_shot is None:
+        data_path, zero_shot_path = config.data.path, config.data.zero_shot
+        do_retrieval = True
+    else:
+        data_path, zero_shot_path, do_retrieval = data, zero_shot, data is not None
+    result: dict = {"run": str(run), "checkpoint": which}
+
+    if do_retrieval:
+        caption_set = open_dataset(data_path, allow_outside=allow_outside_paths, quiet=json_out)
+        items = split_items(caption_set, split)
+        with CountProgress(f"encoding {split} images") as progress:
+            metrics = evaluate_retrieval(model, tokenizer, items, preprocess, torch_device, precision=precision,
+                                         progress=progress)
+        result.update(data=str(caption_set.caption_file), split=split, **metrics)
+        if not json_out:
+            out.print(tables.retrieval_table(metrics, f"retrieval on {caption_set.caption_file.parent.name} ({split})"))
+
+    if zero_shot_path is not None:
+        folder = ImageFolder.scan(zero_shot_path)
+        prompts = list(templates or config.data.templates)
+        with CountProgress("encoding zero-shot images") as progress:
+            metrics = evaluate_zero_shot(model, tokenizer, folder, prompts, preprocess, torch_device,
+                                         precision=precision, progress=progress)
+        metrics.update(held_out_summary(folder, metrics))
+        metrics["zero_shot_images"] = metrics.pop("images")
+        result.update(zero_shot=str(folder.root), **metrics)
+        if not json_out:
+            out.print(tables.zero_shot_table({**metrics, "images": metrics["zero_shot_images"]},
+                                             f"zero-shot on {folder.root.name} ({', '.join(prompts)})"))
+    if json_out:
+        print_json(result)

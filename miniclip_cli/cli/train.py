@@ -1,0 +1,207 @@
+"""`miniclip train` and `miniclip train-tokenizer`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .. import checkpoint
+from ..config import DataConfig, ModelConfig, RunConfig, TrainConfig, tiny_model_config
+from ..data import shapes
+from ..device import pick_device
+from ..errors import ConfigError, DataError
+from ..tokenizer import Tokenizer, train_tokenizer
+from ..train import TrainingInterrupted, fit
+from ..ui import charts
+from ..ui.console import err, info, out, warn
+from ..ui.progress import TrainProgress
+from . import command
+from .common import dataset_name, open_dataset, print_json, split_items
+
+PRESETS = {"default": ModelConfig, "tiny": tiny_model_config}
+DATA_HELP = "Caption file or dataset folder (see README 'Data layouts'). Omit for the built-in shapes dataset."
+
+
+def _new_run_folder(name: str) -> Path:
+    base = Path("artifacts") / "runs" / name
+    candidate, n = base, 1
+    while (candidate / checkpoint.CONFIG).exists():
+        n += 1
+        candidate = base.with_name(f"{name}-{n}")
+    return candidate
+
+
+def _latest_run_folder(name: str) -> Path:
+    runs = [p for p in (Path("artifacts") / "runs").glob(f"{name}*") if (p / checkpoint.RESUME).is_file()]
+    if not runs:
+        raise ConfigError(f"--resume: no resumable run for '{name}' under artifacts/runs; pass --out RUN_FOLDER")
+    return max(runs, key=lambda p: (p / checkpoint.RESUME).stat().st_mtime)
+
+
+def _check_writable(run: Path) -> None:
+    try:
+        run.mkdir(parents=True, exist_ok=True)
+        probe = run / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"{run}: cannot write there ({exc.strerror}); choose another --out") from None
+
+
+def _tokenizer_report(tokenizer: Tokenizer, captions: list[str], context_length: int) -> dict:
+    counts = [tokenizer.token_count(c) for c in captions]
+    return {"vocab_size": tokenizer.vocab_size, "captions": len(counts),
+            "mean_tokens": sum(counts) / max(len(counts), 1), "max_tokens": max(counts, default=0),
+            "truncated": sum(c > context_length for c in counts)}
+
+
+@command("train-tokenizer")
+def train_tokenizer_command(
+    data: Optional[str] = typer.Option(None, "--data", help=DATA_HELP),
+    out_path: Path = typer.Option(Path("artifacts/tokenizer.json"), "--out", help="Where to write tokenizer.json."),
+    vocab_size: int = typer.Option(10_000, "--vocab-size", help="Largest vocabulary to learn (fewer if the captions run out of merges)."),
+    context_length: int = typer.Option(64, "--context-length", help="Report how many captions exceed this many tokens."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
+):
+    """Train the byte-pair-encoding caption tokenizer on a dataset's training captions.
+
+    Lower-cases and NFKC-normalises text; byte-level, so no character is ever unknown.
+
+    Examples:
+
+        miniclip train-tokenizer --data ~/datasets/flickr30k --out artifacts/tokenizer.json
+
+        miniclip train --data ~/datasets/flickr30k --tokenizer artifacts/tokenizer.json
+    """
+    if vocab_size < 260:
+        raise ConfigError(f"--vocab-size {vocab_size} is below the 256 byte tokens plus specials; use at least 260")
+    caption_set = open_dataset(data, quiet=json_out)
+    captions = [c for item in split_items(caption_set, "train") for c in item.captions]
+    tokenizer = train_tokenizer(captions, vocab_size)
+    tokenizer.save(out_path)
+    report = {"tokenizer": str(out_path), **_tokenizer_report(tokenizer, captions, context_length)}
+    if json_out:
+        print_json(report)
+        return
+    out.print(f"wrote {out_path}: vocabulary {report['vocab_size']} tokens; captions {report['captions']}, "
+              f"mean {report['mean_tokens']:.1f} tokens, max {report['max_tokens']} "
+              f"({report['truncated']} longer than {context_length})")
+
+
+@command("train")
+def train_command(
+    data: Optional[str] = typer.Option(None, "--data", help=DATA_HELP),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Run folder. Default: artifacts/runs/DATASET (numbered if taken)."),
+    tokenizer_path: Optional[Path] = typer.Option(None, "--tokenizer", help="A tokenizer.json to use; default: train one on the training captions."),
+    vocab_size: int = typer.Option(10_000, "--vocab-size", help="Vocabulary size when training the tokenizer."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Passes over the training images. Default: 30, or 10 on the built-in data."),
+    batch_size: int = typer.Option(128, "--batch-size", help="Pairs per step; every other pair in the batch is a negative."),
+    lr: float = typer.Option(5e-4, "--lr", help="Peak learning rate (AdamW, warm-up then cosine decay)."),
+    weight_decay: float = typer.Option(0.2, "--weight-decay", help="AdamW weight decay on weight matrices."),
+    captions: str = typer.Option("one", "--captions", help="'one': one caption per image per epoch, drawn anew; 'all': every caption."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
+    precision: str = typer.Option("auto", "--precision", help="auto (bf16 where fast), fp32 or bf16."),
+    seed: int = typer.Option(0, "--seed", help="Seeds weights, data order, caption draws and crops."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many steps in all (resumable)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out (or the latest run of this dataset) where it stopped."),
+    save_every: Optional[int] = typer.Option(None, "--save-every", help="Also write a resumable checkpoint every N steps."),
+    workers: int = typer.Option(-1, "--workers", help="Data loader processes; -1 picks by device."),
+    preset: str = typer.Option("default", "--preset", help="Model size: default (9 M parameters) or tiny (for smoke tests)."),
+    zero_shot: Optional[Path] = typer.Option(None, "--zero-shot", help="An image folder <class>/<image> that `eval` reports on by default."),
+    allow_outside_paths: bool = typer.Option(False, "--allow-outside-paths", help="Accept caption-file image paths outside the dataset folder."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
+):
+    """Train a MiniCLIP model from scratch on image-caption pairs.
+
+    Keeps best.safetensors (best validation mean recall), last.safetensors, config.json, tokenizer.json and
+    history.jsonl in the run folder. Ctrl-C saves a checkpoint that --resume continues from.
+
+    Examples:
+
+        miniclip train                                   # the built-in shapes dataset, a few minutes on a CPU
+
+        miniclip train --data ~/datasets/flickr30k --out artifacts/runs/f30k
+
+        miniclip train --out artifacts/runs/f30k --resume
+    """
+    if resume:
+        run = out_dir or _latest_run_folder(dataset_name(data))
+        config = RunConfig.load(run / checkpoint.CONFIG)
+        if epochs is not None and epochs != config.train.epochs:
+            config.train.epochs = epochs
+            config.validate()
+            checkpoint.atomic_write_text(run / checkpoint.CONFIG, config.to_json())
+        config.train.max_steps = max_steps
+        tokenizer = Tokenizer.load(run / checkpoint.TOKENIZER)
+        data = config.data.path
+        info(f"resuming {run}")
+    else:
+        if preset not in PRESETS:
+            raise ConfigError(f"--preset {preset!r} is not known; use one of: {', '.join(PRESETS)}")
+        run = out_dir or _new_run_folder(dataset_name(data))
+        if (run / checkpoint.CONFIG).exists():
+            raise ConfigError(f"{run} already holds a run; pass --resume to continue it or choose another --out")
+        builtin = data is None
+        train_config = TrainConfig(
+            epochs=epochs or (10 if builtin else 30), batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+            captions=captions, seed=seed, precision=precision, max_steps=max_steps, workers=workers,
+            # Shapes sit anywhere on the canvas: a deep crop would cut away what the caption names.
+            crop_scale=(0.8, 1.0) if builtin else (0.5, 1.0))
+        train_config.validate()
+    _check_writable(run)
+    torch_device = pick_device(device)
+
+    caption_set = open_dataset(data, allow_outside=resume and config.data.allow_outside_paths or allow_outside_paths,
+                               quiet=json_out)
+    seed_for_split = config.train.seed if resume else seed
+    train_items = split_items(caption_set, "train", seed_for_split)
+    try:
+        val_items = split_items(caption_set, "val", seed_for_split)
+    except DataError as exc:
+        warn(f"no validation images ({exc}); the last model is kept as the best")
+        val_items = []
+
+    if not resume:
+        if tokenizer_path is not None:
+            tokenizer = Tokenizer.load(tokenizer_path)
+        else:
+            tokenizer = train_tokenizer((c for item in train_items for c in item.captions), vocab_size)
+        model_config = PRESETS[preset]()
+        model_config.vocab_size = tokenizer.vocab_size
+        data_config = DataConfig(path=None if data is None else str(Path(data).expanduser().resolve()),
+                                 layout=caption_set.layout, allow_outside_paths=allow_outside_paths)
+        if data is None:
+            data_config.zero_shot = str((shapes.default_root() / "zero_shot").resolve())
+            data_config.templates = ("a photo of a {}", "a {}")  # the captions' own style: no full stop
+        if zero_shot is not None:
+            data_config.zero_shot = str(zero_shot.expanduser().resolve())
+        config = RunConfig(model=model_config, train=train_config, data=data_config)
+        config.validate()
+        report = _tokenizer_report(tokenizer, [c for item in train_items for c in item.captions[:1]],
+                                   model_config.context_length)
+        info(f"tokenizer: {report['vocab_size']} tokens; first captions average {report['mean_tokens']:.1f} tokens, "
+             f"max {report['max_tokens']}, {report['truncated']} cut to {model_config.context_length}")
+
+    try:
+        with TrainProgress() as progress:
+            history = fit(config, tokenizer, train_items, val_items, run, torch_device, resume=resume,
+                          save_every=save_every, callbacks=progress)
+    except TrainingInterrupted as stop:
+        err.print(f"[yellow]interrupted[/] at step {stop.step}; checkpoint saved. "
+                  f"Resume with: miniclip train --out {run} --resume")
+        raise typer.Exit(130) from None
+
+    best = max((r for r in history if "val_mean_recall" in r), key=lambda r: r["val_mean_recall"], default=None)
+    result = {"run": str(run), "steps": history[-1]["step"] if history else 0,
+              "epochs": history[-1]["epoch"] if history else 0, "best": best, "last": history[-1] if history else None}
+    if json_out:
+        print_json(result)
+        return
+    if history:
+        out.print(charts.training_curves(history))
+    if best:
+        out.print(f"best epoch {best['epoch']}: val mean recall {best['val_mean_recall']:.2f}, "
+                  f"i->t R@1 {best['val_image_to_text_R@1']:.2f}, t->i R@1 {best['val_text_to_image_R@1']:.2f}")
+    out.print(f"saved to {run}. Next: miniclip eval {run}   ·   miniclip classify IMAGE -c 'a dog' -c 'a cat' --model {run}")

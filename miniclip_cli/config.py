@@ -1,0 +1,162 @@
+"""The one config of a run: model shape, preprocessing and training recipe, saved as JSON beside every checkpoint.
+
+Commands that load a run rebuild the model from this file; none of them takes architecture flags.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ConfigError
+
+# CLIP's ImageNet-derived statistics; any fixed values work for training from scratch, and these keep
+# inputs close to zero-mean, unit-variance on natural photos.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class ModelConfig:
+    image_size: int = 128  # small enough to train on a laptop CPU, large enough for Flickr photos
+    patch_size: int = 16  # 8x8 = 64 patches + a class token
+    vision_width: int = 256
+    vision_layers: int = 4
+    vision_heads: int = 4
+    vocab_size: int = 10_000  # overwritten by the trained tokenizer's real size
+    context_length: int = 64  # Flickr captions are ~12 words; 64 leaves room for long COCO captions
+    text_width: int = 256
+    text_layers: int = 4
+    text_heads: int = 4
+    mlp_ratio: int = 4  # MLP hidden = 4 x width = 1024 at the default width
+    embed_dim: int = 256  # the shared image-text space
+    dropout: float = 0.0
+    init_temperature: float = 0.07  # CLIP's initial softmax temperature (logit scale 1/0.07)
+    max_logit_scale: float = 100.0  # CLIP's clamp: keeps the temperature from collapsing to zero
+
+    def validate(self) -> None:
+        if self.image_size % self.patch_size:
+            raise ConfigError(
+                f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}; "
+                "pick sizes such as 128 and 16"
+            )
+        for width, heads, name in (
+            (self.vision_width, self.vision_heads, "vision"),
+            (self.text_width, self.text_heads, "text"),
+        ):
+            if width % heads:
+                raise ConfigError(f"{name}_width {width} is not divisible by {name}_heads {heads}")
+        positive = ("image_size", "patch_size", "vision_width", "vision_layers", "vision_heads", "vocab_size",
+                    "context_length", "text_width", "text_layers", "text_heads", "mlp_ratio", "embed_dim")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"model setting {name} must be at least 1, got {getattr(self, name)}")
+        if self.context_length < 3:
+            raise ConfigError("context_length must be at least 3 (start token, one token, end token)")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 30
+    batch_size: int = 128
+    lr: float = 5e-4
+    weight_decay: float = 0.2  # CLIP's value; applied to matrices only, never to norms, biases or embeddings
+    warmup_fraction: float = 0.05  # of all steps, then cosine decay to zero
+    captions: str = "one"  # "one": one caption drawn per image each epoch; "all": every pair each epoch
+    crop_scale: tuple[float, float] = (0.5, 1.0)  # random resized crop area range at training time
+    seed: int = 0
+    precision: str = "auto"  # "auto" picks bf16 where the device runs it fast, "fp32", "bf16"
+    max_steps: int | None = None  # stop early after this many optimizer steps in all (for smoke runs)
+    val_images: int = 1000  # validation recall is computed on at most this many images each epoch
+    workers: int = -1  # data loader processes; -1 picks by device
+
+    def validate(self) -> None:
+        if self.epochs < 1:
+            raise ConfigError(f"--epochs must be at least 1, got {self.epochs}")
+        if self.batch_size < 2:
+            raise ConfigError(f"--batch-size must be at least 2 (a contrastive batch needs negatives), got {self.batch_size}")
+        if not self.lr > 0:
+            raise ConfigError(f"--lr must be positive, got {self.lr}")
+        if self.captions not in ("one", "all"):
+            raise ConfigError(f"--captions must be 'one' or 'all', got {self.captions!r}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ConfigError(f"--precision must be auto, fp32 or bf16, got {self.precision!r}")
+        lo, hi = self.crop_scale
+        if not 0 < lo <= hi <= 1:
+            raise ConfigError(f"crop_scale must satisfy 0 < low <= high <= 1, got {self.crop_scale}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"--max-steps must be at least 1, got {self.max_steps}")
+
+
+@dataclass
+class DataConfig:
+    """Where the training data came from, so `eval` can default to the run's own test split."""
+
+    path: str | None = None  # None: the built-in shapes dataset
+    layout: str = ""
+    zero_shot: str | None = None  # an image folder to report zero-shot accuracy on by default
+    templates: tuple[str, ...] = ("a photo of a {}.",)  # zero-shot prompts, averaged per class
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+    allow_outside_paths: bool = False
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def validate(self) -> None:
+        self.model.validate()
+        self.train.validate()
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+    @classmethod
+    def from_dict(cls, raw: dict, source: str = "config") -> RunConfig:
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source}: expected a JSON object with model, train and data sections")
+        unknown = set(raw) - {"model", "train", "data"}
+        if unknown:
+            raise ConfigError(f"{source}: unknown section(s) {sorted(unknown)}; expected model, train, data")
+        parts = {}
+        for name, klass in (("model", ModelConfig), ("train", TrainConfig), ("data", DataConfig)):
+            section = raw.get(name, {})
+            if not isinstance(section, dict):
+                raise ConfigError(f"{source}: section '{name}' must be a JSON object")
+            known = {f.name for f in dataclasses.fields(klass)}
+            bad = set(section) - known
+            if bad:
+                raise ConfigError(f"{source}: unknown {name} setting(s) {sorted(bad)}; known: {sorted(known)}")
+            # JSON has no tuples; restore them so configs compare equal after a round trip.
+            fixed = {k: tuple(v) if isinstance(v, list) else v for k, v in section.items()}
+            try:
+                parts[name] = klass(**fixed)
+            except TypeError as exc:
+                raise ConfigError(f"{source}: bad {name} section: {exc}") from None
+        config = cls(**parts)
+        config.validate()
+        return config
+
+    @classmethod
+    def load(cls, path: Path) -> RunConfig:
+        try:
+            raw = json.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: missing; a run folder needs the config.json written by `miniclip train`") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: not valid JSON ({exc}); restore it from the training run") from None
+        return cls.from_dict(raw, source=str(path))
+
+
+def tiny_model_config(vocab_size: int = 300) -> ModelConfig:
+    """A model small enough for tests and smoke runs: seconds per epoch on one core."""
+    return ModelConfig(image_size=32, patch_size=8, vision_width=32, vision_layers=1, vision_heads=2,
+                       vocab_size=vocab_size, context_length=32, text_width=32, text_layers=1, text_heads=2,
+                       mlp_ratio=2, embed_dim=32)

@@ -1,0 +1,42 @@
+"""Pick the compute device once: CUDA, then Apple MPS, then CPU."""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import DeviceError
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if requested == "cpu":
+        return torch.device("cpu")
+    if requested.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise DeviceError("--device cuda: no CUDA GPU is visible to PyTorch; use --device auto or cpu")
+        return torch.device(requested)
+    if requested == "mps":
+        if not torch.backends.mps.is_available():
+            raise DeviceError("--device mps: Apple MPS is not available here; use --device auto or cpu")
+        return torch.device("mps")
+    raise DeviceError(f"--device {requested!r} is not known; use auto, cpu, cuda or mps")
+
+
+def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
+    """The autocast dtype for `precision` on `device`, or None for plain fp32."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    # auto: bf16 where it is native and fast. On CPUs with AVX-512 bf16 autocast trained ~1.5x faster
+    # than fp32 (measured in issue 4); MPS autocast support is patchy, so it stays fp32.
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    if device.type == "cpu":
+        return torch.bfloat16 if torch.backends.cpu.get_cpu_capability() in ("AVX512", "AMX") else None
+    return None

@@ -1,0 +1,128 @@
+"""The dual encoder: a Vision Transformer and a text Transformer projected into one normalised space.
+
+No loss and no file I/O here; `loss.py` and `checkpoint.py` own those.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+
+
+class Attention(nn.Module):
+    def __init__(self, width: int, heads: int, dropout: float):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.out = nn.Linear(width, width)
+        self.dropout = dropout
+
+    def forward(self, x: torch.Tensor, causal: bool) -> torch.Tensor:
+        b, n, d = x.shape
+        # 'b n (three h e) -> three b h n e'
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.out(y.transpose(1, 2).reshape(b, n, d))  # 'b h n e -> b n (h e)'
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: int, dropout: float):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(width)
+        self.attn = Attention(width, heads, dropout)
+        self.ln_2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(
+            nn.Linear(width, mlp_ratio * width), nn.GELU(), nn.Linear(mlp_ratio * width, width), nn.Dropout(dropout)
+        )
+
+    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), causal)
+        return x + self.mlp(self.ln_2(x))
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        grid = c.image_size // c.patch_size
+        # The only convolution: a stride-p conv is the linear projection of each non-overlapping p x p patch.
+        self.patch_embed = nn.Conv2d(3, c.vision_width, kernel_size=c.patch_size, stride=c.patch_size)
+        self.class_token = nn.Parameter(torch.randn(c.vision_width) * c.vision_width**-0.5)
+        self.positions = nn.Parameter(torch.randn(grid * grid + 1, c.vision_width) * 0.02)
+        self.ln_pre = nn.LayerNorm(c.vision_width)
+        self.blocks = nn.ModuleList(
+            Block(c.vision_width, c.vision_heads, c.mlp_ratio, c.dropout) for _ in range(c.vision_layers)
+        )
+        self.ln_post = nn.LayerNorm(c.vision_width)
+        self.proj = nn.Linear(c.vision_width, c.embed_dim, bias=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(images)  # b d h w
+        x = x.flatten(2).transpose(1, 2)  # 'b d h w -> b (h w) d'
+        cls = self.class_token.expand(x.shape[0], 1, -1)  # b 1 d
+        x = torch.cat([cls, x], dim=1) + self.positions  # b (1 + h w) d
+        x = self.ln_pre(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.proj(self.ln_post(x[:, 0]))  # the class token's output: b embed_dim
+
+
+class TextTransformer(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.token_embed = nn.Embedding(c.vocab_size, c.text_width)
+        self.positions = nn.Parameter(torch.randn(c.context_length, c.text_width) * 0.01)
+        self.blocks = nn.ModuleList(
+            Block(c.text_width, c.text_heads, c.mlp_ratio, c.dropout) for _ in range(c.text_layers)
+        )
+        self.ln_final = nn.LayerNorm(c.text_width)
+        self.proj = nn.Linear(c.text_width, c.embed_dim, bias=False)
+        nn.init.normal_(self.token_embed.weight, std=0.02)
+
+    def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """tokens: b n (n <= context_length, padded after the end token); lengths: b, tokens up to and
+        including the end token. The causal mask means padding never reaches the end token, so a batch
+        padded to its longest caption gives the same features as one padded to the full context."""
+        n = tokens.shape[1]
+        x = self.token_embed(tokens) + self.positions[:n]
+        for block in self.blocks:
+            x = block(x, causal=True)
+        x = self.ln_final(x)
+        end = x[torch.arange(x.shape[0], device=x.device), lengths - 1]  # b d: the end token's output
+        return self.proj(end)
+
+
+class MiniCLIP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.visual = VisionTransformer(config)
+        self.text = TextTransformer(config)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / config.init_temperature)))
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """images: b 3 s s, normalised -> b embed_dim, unit length."""
+        return F.normalize(self.visual(images), dim=-1)
+
+    def encode_text(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """tokens: b n, lengths: b -> b embed_dim, unit length."""
+        return F.normalize(self.text(tokens, lengths), dim=-1)
+
+    def scale(self) -> torch.Tensor:
+        """exp(logit_scale), clamped as CLIP does so the temperature cannot collapse."""
+        return self.logit_scale.exp().clamp(max=self.config.max_logit_scale)
+
+    def forward(self, images, tokens, lengths):
+        return self.encode_image(images), self.encode_text(tokens, lengths), self.scale()
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,82 @@
+"""The caption tokenizer: byte-level BPE trained with HuggingFace `tokenizers`. Knows nothing of the model."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+from .errors import CheckpointError
+
+PAD, START, END = "<pad>", "<start>", "<end>"
+SPECIALS = [PAD, START, END]  # ids 0, 1, 2
+
+
+class Tokenizer:
+    """Wraps a HuggingFace tokenizer whose post-processor adds <start> ... <end>."""
+
+    def __init__(self, hf: HFTokenizer):
+        self.hf = hf
+        self.pad_id = hf.token_to_id(PAD)
+        self.end_id = hf.token_to_id(END)
+        if self.pad_id is None or self.end_id is None or hf.token_to_id(START) is None:
+            raise CheckpointError("tokenizer lacks the <pad>/<start>/<end> tokens; retrain it with `miniclip train-tokenizer`")
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf.get_vocab_size()
+
+    def encode(self, texts: list[str], context_length: int, pad_to: str = "longest") -> tuple[np.ndarray, np.ndarray]:
+        """Token ids (n x L, int64, padded with <pad>) and lengths (n, counting <start> and <end>).
+
+        Captions longer than the context are cut so that <end> stays last. pad_to="longest" pads to the
+        batch's longest caption (cheaper to train on); "max" pads to the full context (fixed ONNX shapes).
+        """
+        encodings = [self.hf.encode(t) for t in texts]
+        lengths = np.array([min(len(e.ids), context_length) for e in encodings], dtype=np.int64)
+        width = context_length if pad_to == "max" else int(lengths.max(initial=2))
+        ids = np.full((len(texts), width), self.pad_id, dtype=np.int64)
+        for row, (e, n) in enumerate(zip(encodings, lengths)):
+            ids[row, :n] = e.ids[:n]
+            ids[row, n - 1] = self.end_id  # truncated captions still end on <end>, whose output is the feature
+        return ids, lengths
+
+    def token_count(self, text: str) -> int:
+        return len(self.hf.encode(text).ids)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.hf.decode(list(ids), skip_special_tokens=True).strip()
+
+    def save(self, path: Path) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.hf.save(str(path))
+
+    @classmethod
+    def load(cls, path: Path) -> Tokenizer:
+        path = Path(path)
+        if not path.is_file():
+            raise CheckpointError(f"{path}: tokenizer file missing; train one with `miniclip train-tokenizer --out {path}`")
+        try:
+            hf = HFTokenizer.from_file(str(path))
+        except Exception as exc:  # tokenizers raises a bare Exception for any malformed file
+            raise CheckpointError(f"{path}: not a valid tokenizer.json ({str(exc)[:80]}); retrain it with `miniclip train-tokenizer`") from None
+        return cls(hf)
+
+
+def train_tokenizer(captions: Iterable[str], vocab_size: int = 10_000, min_frequency: int = 2) -> Tokenizer:
+    """Byte-level BPE over NFKC-normalised, lower-cased captions: any Unicode text encodes, none is <unk>."""
+    hf = HFTokenizer(models.BPE())
+    hf.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase(), normalizers.Strip()])
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    hf.train_from_iterator(captions, trainer=trainer)
+    start, end = hf.token_to_id(START), hf.token_to_id(END)
+    hf.post_processor = processors.TemplateProcessing(single=f"{START} $A {END}", special_tokens=[(START, start), (END, end)])
+    return Tokenizer(hf)

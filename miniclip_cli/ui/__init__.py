@@ -1,0 +1,1 @@
+"""Rich progress, tables and plotext charts: numbers in, text out."""

@@ -1,0 +1,81 @@
+"""A Rich progress bar that listens to the training loop's callbacks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from ..train import Callbacks
+from .console import err
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TextColumn("eta"),
+                    TimeRemainingColumn(), console=err)
+
+
+class TrainProgress(Callbacks):
+    """Shows epoch, step, loss, pairs/s and ETA; prints one line per finished epoch."""
+
+    def __init__(self):
+        self.progress = _progress()
+        self.task = None
+        self.steps_per_epoch = 1
+        self.smoothed_rate = None
+
+    def __enter__(self):
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.progress.stop()
+
+    def on_start(self, total_steps, start_step, steps_per_epoch, info):
+        self.steps_per_epoch = steps_per_epoch
+        err.print(f"training on {info['device']} ({info['precision']}), {info['train_pairs']} pairs per epoch, "
+                  f"{steps_per_epoch} steps per epoch, validating on {info['val_images']} images")
+        self.task = self.progress.add_task("train", total=total_steps, completed=start_step, status="")
+
+    def on_step(self, step, epoch, loss, pairs_per_s, lr):
+        # An exponential average: single steps jitter with loader stalls.
+        rate = pairs_per_s if self.smoothed_rate is None else 0.9 * self.smoothed_rate + 0.1 * pairs_per_s
+        self.smoothed_rate = rate
+        self.progress.update(self.task, completed=step, description=f"epoch {epoch + 1}",
+                             status=f"loss {loss:.3f}  {rate:,.0f} pairs/s")
+
+    def on_validate(self, epoch):
+        self.progress.update(self.task, status="validating...")
+
+    def on_epoch_end(self, record):
+        recall = record.get("val_mean_recall")
+        text = f"epoch {record['epoch']}: train loss {record['train_loss']:.4f}"
+        if recall is not None:
+            text += (f", val mean recall {recall:.2f} (i->t R@1 {record['val_image_to_text_R@1']:.1f}, "
+                     f"t->i R@1 {record['val_text_to_image_R@1']:.1f})")
+        self.progress.console.print(text)
+
+    def on_checkpoint(self, path: Path):
+        pass
+
+
+class CountProgress:
+    """A (done, total) callback for encoding images in evaluation."""
+
+    def __init__(self, description: str):
+        self.progress = _progress()
+        self.description = description
+        self.task = None
+
+    def __enter__(self):
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.progress.stop()
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.task is None:
+            self.task = self.progress.add_task(self.description, total=total, status="")
+        self.progress.update(self.task, completed=done)
