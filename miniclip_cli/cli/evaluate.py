@@ -39,7 +39,7 @@ def eval_command(
     run: Path = typer.Argument(..., help="A run folder written by `miniclip train`."),
     data: Optional[str] = typer.Option(None, "--data", help="Caption dataset for retrieval. Default: the run's own dataset."),
     split: str = typer.Option("test", "--split", help="train, val, test or all."),
-    zero_shot: Optional[Path] = typer.Option(None, "--zero-shot", help="Image folder <class>/<image> for zero-shot classification."),
+    zero_shot: Optional[Path] = typer.Option(None, "--zero-shot", help="Image folder CLASS/IMAGE for zero-shot classification."),
     templates: Optional[List[str]] = typer.Option(None, "--template", help="Prompt with {} for the class name; repeat to average several."),
     which: str = typer.Option("best", "--checkpoint", help="best or last."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
@@ -94,7 +94,7 @@ def eval_command(
         metrics["zero_shot_images"] = metrics.pop("images")
         result.update(zero_shot=str(folder.root), **metrics)
         if not json_out:
-            out.print(tables.zero_shot_table({**metrics, "images": metrics["zero_shot_images"]},
-                                             f"zero-shot on {folder.root.name} ({', '.join(prompts)})"))
+            out.print(tables.zero_shot_table(metrics, f"zero-shot on {folder.root.name} ({' | '.join(prompts)})"))
+            out.print(tables.zero_shot_summary(metrics))
     if json_out:
         print_json(result)

@@ -109,7 +109,7 @@ def train_command(
     save_every: Optional[int] = typer.Option(None, "--save-every", help="Also write a resumable checkpoint every N steps."),
     workers: int = typer.Option(-1, "--workers", help="Data loader processes; -1 picks by device."),
     preset: str = typer.Option("default", "--preset", help="Model size: default (9 M parameters) or tiny (for smoke tests)."),
-    zero_shot: Optional[Path] = typer.Option(None, "--zero-shot", help="An image folder <class>/<image> that `eval` reports on by default."),
+    zero_shot: Optional[Path] = typer.Option(None, "--zero-shot", help="An image folder CLASS/IMAGE that `eval` reports on by default."),
     allow_outside_paths: bool = typer.Option(False, "--allow-outside-paths", help="Accept caption-file image paths outside the dataset folder."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
 ):

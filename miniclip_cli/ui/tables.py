@@ -28,13 +28,17 @@ def zero_shot_table(metrics: dict, title: str) -> Table:
     table.add_column("top-1 recall %", justify="right")
     for name, recall in metrics["per_class"].items():
         table.add_row(name, f"{recall:.1f}")
-    caption = (f"top-1 {metrics['top1']:.2f}%  ·  top-5 {metrics['top5']:.2f}%  ·  mean per-class recall "
-               f"{metrics['mean_per_class_recall']:.2f}%  ·  {metrics['images']} images, {metrics['classes']} classes")
-    if "held_out_top1" in metrics:
-        caption += (f"\nheld-out classes {metrics['held_out_top1']:.2f}% vs chance {metrics['chance']:.2f}%  ·  "
-                    f"classes seen in training {metrics['seen_top1']:.2f}%")
-    table.caption = caption
     return table
+
+
+def zero_shot_summary(metrics: dict) -> str:
+    """One or two lines under the per-class table; too wide for a Rich caption, which wraps to the table."""
+    text = (f"top-1 {metrics['top1']:.2f}%  ·  top-5 {metrics['top5']:.2f}%  ·  mean per-class recall "
+            f"{metrics['mean_per_class_recall']:.2f}%  ·  {metrics['zero_shot_images']} images, {metrics['classes']} classes")
+    if "held_out_top1" in metrics:
+        text += (f"\nheld-out classes {metrics['held_out_top1']:.2f}% vs chance {metrics['chance']:.2f}%  ·  "
+                 f"classes seen in training {metrics['seen_top1']:.2f}%")
+    return text
 
 
 def probability_table(captions: list[str], probabilities: list[float]) -> Table:
