@@ -13,8 +13,6 @@ Every file is written to a temporary name, flushed and renamed, so a crash never
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -24,30 +22,8 @@ from safetensors.torch import load_file, save_file
 from .config import RunConfig
 from .errors import CheckpointError
 from .model import MiniCLIP
+from .run_files import BEST, CONFIG, HISTORY, LAST, RESUME, TOKENIZER, atomic_write, atomic_write_text
 from .tokenizer import Tokenizer
-
-CONFIG, TOKENIZER, BEST, LAST, RESUME, HISTORY = (
-    "config.json", "tokenizer.json", "best.safetensors", "last.safetensors", "resume.safetensors", "history.jsonl")
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call write(tmp_path), fsync, then rename over `path`: readers see the old file or the new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -32,3 +32,9 @@ class DeviceError(MiniclipError):
     """A requested device that this machine does not have."""
 
     exit_code = 5
+
+
+class ThresholdError(MiniclipError):
+    """A measured metric fell below the floor the user set (bench --min-metric)."""
+
+    exit_code = 7

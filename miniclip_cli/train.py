@@ -11,12 +11,13 @@ import torch
 
 from . import checkpoint
 from .config import RunConfig
-from .data.images import PairDataset, Preprocess
+from .data.images import PairDataset
 from .data.layouts import ImageCaptions
 from .device import autocast_dtype
 from .evaluate import evaluate_retrieval
 from .loss import clip_loss
 from .model import MiniCLIP
+from .runtime import TorchEncoder
 from .tokenizer import Tokenizer
 
 
@@ -99,8 +100,8 @@ def fit(config: RunConfig, tokenizer: Tokenizer, train_items: list[ImageCaptions
     torch.manual_seed(tc.seed)
     model = MiniCLIP(config.model).to(device)
     optimizer = torch.optim.AdamW(parameter_groups(model, tc.weight_decay), lr=tc.lr, betas=(0.9, 0.98), eps=1e-6)
-    preprocess = Preprocess(config.model.image_size, config.data.mean, config.data.std)
-    dataset = PairDataset(train_items, preprocess, tc.crop_scale, tc.captions, tc.seed)
+    dataset = PairDataset(train_items, config.model.image_size, config.data.mean, config.data.std,
+                          tc.crop_scale, tc.captions, tc.seed)
     drop_last = len(dataset) >= tc.batch_size
     steps_per_epoch = len(dataset) // tc.batch_size if drop_last else 1
     total_steps = tc.epochs * steps_per_epoch
@@ -164,7 +165,8 @@ def fit(config: RunConfig, tokenizer: Tokenizer, train_items: list[ImageCaptions
             if val_items:
                 callbacks.on_validate(epoch + 1)
                 model.eval()
-                metrics = evaluate_retrieval(model, tokenizer, val_items, preprocess, device, workers, tc.precision)
+                encoder = TorchEncoder(model, tokenizer, config.data.mean, config.data.std, device, tc.precision)
+                metrics = evaluate_retrieval(encoder, val_items)
                 record.update({f"val_{k}": v for k, v in metrics.items() if k not in ("images", "captions")})
             history.append(record)
             checkpoint.save_weights(run / checkpoint.LAST, model)

@@ -7,8 +7,8 @@ import torch
 from miniclip_cli import checkpoint
 from miniclip_cli.checkpoint import load_run
 from miniclip_cli.cli.classify import clean_dropped_path
-from miniclip_cli.data.images import Preprocess, load_rgb
-from miniclip_cli.evaluate import encode_images, encode_texts
+from miniclip_cli.data.pixels import load_rgb
+from miniclip_cli.runtime import TorchEncoder
 
 from .conftest import json_of, run_cli
 
@@ -28,17 +28,14 @@ def test_no_file_in_a_run_is_a_pickle(trained_run):
 
 
 def test_save_then_load_gives_identical_embeddings(trained_run, tiny_dataset):
-    model, config, tokenizer = load_run(trained_run, "last")
-    again, _, _ = load_run(trained_run, "last")
-    preprocess = Preprocess(config.model.image_size, config.data.mean, config.data.std)
+    encoders = []
+    for _ in range(2):
+        model, config, tokenizer = load_run(trained_run, "last")
+        encoders.append(TorchEncoder(model, tokenizer, config.data.mean, config.data.std, precision="fp32"))
     paths = sorted((tiny_dataset / "Images").glob("*.png"))[:4]
-    cpu = torch.device("cpu")
-    a = encode_images(model, paths, preprocess, cpu, precision="fp32")
-    b = encode_images(again, paths, preprocess, cpu, precision="fp32")
-    assert torch.equal(a, b)
+    assert (encoders[0].encode_images(paths) == encoders[1].encode_images(paths)).all()
     texts = ["a red circle", "a blue square"]
-    assert torch.equal(encode_texts(model, tokenizer, texts, cpu, precision="fp32"),
-                       encode_texts(again, tokenizer, texts, cpu, precision="fp32"))
+    assert (encoders[0].encode_texts(texts) == encoders[1].encode_texts(texts)).all()
 
 
 def test_eval_json_has_retrieval_and_zero_shot_keys(runner, trained_run, tiny_dataset):

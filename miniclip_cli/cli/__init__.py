@@ -18,6 +18,7 @@ app = typer.Typer(
     rich_markup_mode="markdown",
     add_completion=False,
 )
+TRAINING_PACKAGES = {"torch", "torchvision", "safetensors", "onnx"}
 _debug = {"on": os.environ.get("MINICLIP_DEBUG", "") not in ("", "0")}
 
 
@@ -40,6 +41,12 @@ def command(name: str):
                     raise
                 err.print(f"[bold red]error:[/] {error}", soft_wrap=True)
                 raise typer.Exit(error.exit_code) from None
+            except ModuleNotFoundError as error:
+                if _debug["on"] or error.name not in TRAINING_PACKAGES:
+                    raise
+                err.print(f"[bold red]error:[/] `miniclip {name}` needs {error.name}, which this PyTorch-free install "
+                          f"lacks; `pip install miniclip` installs it (`--backend onnx` runs without it)", soft_wrap=True)
+                raise typer.Exit(6) from None
 
         app.command(name)(run)
         return function
@@ -52,4 +59,4 @@ def main() -> None:
 
 
 # Imported last: each module registers its commands on `app` through `command`.
-from . import classify, evaluate, train  # noqa: E402, F401
+from . import classify, deploy, evaluate, train  # noqa: E402, F401

@@ -8,11 +8,8 @@ from typing import List, Optional
 
 import typer
 
-from ..checkpoint import load_run
-from ..data.images import Preprocess, load_rgb
-from ..device import pick_device
 from ..errors import ConfigError, DataError, MiniclipError
-from ..evaluate import caption_probabilities
+from ..runtime import open_encoder
 from ..ui import charts, tables
 from ..ui.console import err, out
 from . import command
@@ -49,6 +46,7 @@ def classify_command(
     captions: Optional[List[str]] = typer.Option(None, "--caption", "-c", help="A candidate caption; give two or more."),
     model_dir: Path = typer.Option(..., "--model", "-m", help="A run folder written by `miniclip train`."),
     which: str = typer.Option("best", "--checkpoint", help="best or last."),
+    backend: str = typer.Option("torch", "--backend", help="torch, onnx (the int8 export, no PyTorch needed) or onnx-fp32."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
 ):
@@ -63,21 +61,16 @@ def classify_command(
 
         miniclip classify --model artifacts/runs/f30k
     """
-    if which not in ("best", "last"):
-        raise ConfigError(f"--checkpoint must be best or last, got {which!r}")
     if image is not None:
         given = _check_captions(captions or [])
         if image.is_dir():
             raise DataError(f"{image}: is a folder; give one image file (for a folder of classes use `miniclip eval --zero-shot`)")
         if not image.exists():
             raise DataError(f"{image}: image not found; check the path")
-    model, config, tokenizer = load_run(model_dir, which)
-    torch_device = pick_device(device)
-    model.to(torch_device)
-    preprocess = Preprocess(config.model.image_size, config.data.mean, config.data.std)
+    encoder = open_encoder(model_dir, backend, which, device)
 
     def score(path: Path, texts: list[str]) -> dict:
-        probabilities = caption_probabilities(model, tokenizer, preprocess.eval(load_rgb(path)), texts, torch_device)
+        probabilities = encoder.caption_probabilities(path, texts)
         return {"image": str(path), "scores": [{"caption": c, "probability": p} for c, p in zip(texts, probabilities)]}
 
     def show(result: dict) -> None:

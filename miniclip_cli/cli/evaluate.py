@@ -8,11 +8,11 @@ from typing import List, Optional
 
 import typer
 
-from ..checkpoint import load_run
-from ..data.images import ImageFolder, Preprocess
-from ..device import pick_device
+from ..config import RunConfig
+from ..data.image_folder import ImageFolder
 from ..errors import ConfigError
 from ..evaluate import evaluate_retrieval, evaluate_zero_shot
+from ..runtime import open_encoder
 from ..ui import tables
 from ..ui.console import out
 from ..ui.progress import CountProgress
@@ -42,8 +42,9 @@ def eval_command(
     zero_shot: Optional[Path] = typer.Option(None, "--zero-shot", help="Image folder CLASS/IMAGE for zero-shot classification."),
     templates: Optional[List[str]] = typer.Option(None, "--template", help="Prompt with {} for the class name; repeat to average several."),
     which: str = typer.Option("best", "--checkpoint", help="best or last."),
+    backend: str = typer.Option("torch", "--backend", help="torch, onnx (the int8 export, no PyTorch needed) or onnx-fp32."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
-    precision: str = typer.Option("auto", "--precision", help="auto, fp32 or bf16."),
+    precision: str = typer.Option("auto", "--precision", help="PyTorch backend: auto, fp32 or bf16."),
     allow_outside_paths: bool = typer.Option(False, "--allow-outside-paths", help="Accept image paths outside the dataset folder."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
 ):
@@ -58,28 +59,23 @@ def eval_command(
 
         miniclip eval artifacts/runs/f30k --zero-shot ~/datasets/cifar10/test --template "a photo of a {}."
     """
-    if which not in ("best", "last"):
-        raise ConfigError(f"--checkpoint must be best or last, got {which!r}")
     for template in templates or []:
         if "{}" not in template:
             raise ConfigError(f"--template {template!r} has no {{}} where the class name goes; e.g. 'a photo of a {{}}.'")
-    model, config, tokenizer = load_run(run, which)
-    torch_device = pick_device(device)
-    model.to(torch_device)
-    preprocess = Preprocess(config.model.image_size, config.data.mean, config.data.std)
+    encoder = open_encoder(run, backend, which, device, precision)
+    config = RunConfig.load(run / "config.json")
     if data is None and zero_shot is None:
         data_path, zero_shot_path = config.data.path, config.data.zero_shot
         do_retrieval = True
     else:
         data_path, zero_shot_path, do_retrieval = data, zero_shot, data is not None
-    result: dict = {"run": str(run), "checkpoint": which}
+    result: dict = {"run": str(run), "checkpoint": which, "backend": backend}
 
     if do_retrieval:
         caption_set = open_dataset(data_path, allow_outside=allow_outside_paths, quiet=json_out)
         items = split_items(caption_set, split)
         with CountProgress(f"encoding {split} images") as progress:
-            metrics = evaluate_retrieval(model, tokenizer, items, preprocess, torch_device, precision=precision,
-                                         progress=progress)
+            metrics = evaluate_retrieval(encoder, items, progress=progress)
         result.update(data=str(caption_set.caption_file), split=split, **metrics)
         if not json_out:
             out.print(tables.retrieval_table(metrics, f"retrieval on {caption_set.caption_file.parent.name} ({split})"))
@@ -88,8 +84,7 @@ def eval_command(
         folder = ImageFolder.scan(zero_shot_path)
         prompts = list(templates or config.data.templates)
         with CountProgress("encoding zero-shot images") as progress:
-            metrics = evaluate_zero_shot(model, tokenizer, folder, prompts, preprocess, torch_device,
-                                         precision=precision, progress=progress)
+            metrics = evaluate_zero_shot(encoder, folder, prompts, progress=progress)
         metrics.update(held_out_summary(folder, metrics))
         metrics["zero_shot_images"] = metrics.pop("images")
         result.update(zero_shot=str(folder.root), **metrics)

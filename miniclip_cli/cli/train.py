@@ -7,13 +7,11 @@ from typing import Optional
 
 import typer
 
-from .. import checkpoint
 from ..config import DataConfig, ModelConfig, RunConfig, TrainConfig, tiny_model_config
 from ..data import shapes
-from ..device import pick_device
 from ..errors import ConfigError, DataError
+from ..run_files import CONFIG, RESUME, TOKENIZER, atomic_write_text
 from ..tokenizer import Tokenizer, train_tokenizer
-from ..train import TrainingInterrupted, fit
 from ..ui import charts
 from ..ui.console import err, info, out, warn
 from ..ui.progress import TrainProgress
@@ -27,17 +25,17 @@ DATA_HELP = "Caption file or dataset folder (see README 'Data layouts'). Omit fo
 def _new_run_folder(name: str) -> Path:
     base = Path("artifacts") / "runs" / name
     candidate, n = base, 1
-    while (candidate / checkpoint.CONFIG).exists():
+    while (candidate / CONFIG).exists():
         n += 1
         candidate = base.with_name(f"{name}-{n}")
     return candidate
 
 
 def _latest_run_folder(name: str) -> Path:
-    runs = [p for p in (Path("artifacts") / "runs").glob(f"{name}*") if (p / checkpoint.RESUME).is_file()]
+    runs = [p for p in (Path("artifacts") / "runs").glob(f"{name}*") if (p / RESUME).is_file()]
     if not runs:
         raise ConfigError(f"--resume: no resumable run for '{name}' under artifacts/runs; pass --out RUN_FOLDER")
-    return max(runs, key=lambda p: (p / checkpoint.RESUME).stat().st_mtime)
+    return max(runs, key=lambda p: (p / RESUME).stat().st_mtime)
 
 
 def _check_writable(run: Path) -> None:
@@ -126,22 +124,25 @@ def train_command(
 
         miniclip train --out artifacts/runs/f30k --resume
     """
+    from ..device import pick_device
+    from ..train import TrainingInterrupted, fit
+
     if resume:
         run = out_dir or _latest_run_folder(dataset_name(data))
-        config = RunConfig.load(run / checkpoint.CONFIG)
+        config = RunConfig.load(run / CONFIG)
         if epochs is not None and epochs != config.train.epochs:
             config.train.epochs = epochs
             config.validate()
-            checkpoint.atomic_write_text(run / checkpoint.CONFIG, config.to_json())
+            atomic_write_text(run / CONFIG, config.to_json())
         config.train.max_steps = max_steps
-        tokenizer = Tokenizer.load(run / checkpoint.TOKENIZER)
+        tokenizer = Tokenizer.load(run / TOKENIZER)
         data = config.data.path
         info(f"resuming {run}")
     else:
         if preset not in PRESETS:
             raise ConfigError(f"--preset {preset!r} is not known; use one of: {', '.join(PRESETS)}")
         run = out_dir or _new_run_folder(dataset_name(data))
-        if (run / checkpoint.CONFIG).exists():
+        if (run / CONFIG).exists():
             raise ConfigError(f"{run} already holds a run; pass --resume to continue it or choose another --out")
         builtin = data is None
         train_config = TrainConfig(

@@ -21,7 +21,8 @@ def probability_bars(labels: list[str], percents: list[float], width: int = 70) 
     short = [label if len(label) <= 28 else label[:27] + "…" for label in labels]
     figure = _figure(width, 3 * len(labels) + 4)
     # plotext draws the first bar at the bottom; reverse so the table and the chart read in one order.
-    figure.draw(figure.bar(short[::-1], percents[::-1], orientation="h", width=0.6, labeled=True))
+    labels_text = [f"{p:.1f}%" for p in percents[::-1]]
+    figure.draw(figure.bar(short[::-1], percents[::-1], orientation="h", width=0.6, labeled=labels_text))
     figure.ruler(0).lim(0, 100)
     figure.title("probability (%)")
     return _render(figure)
@@ -30,7 +31,8 @@ def probability_bars(labels: list[str], percents: list[float], width: int = 70) 
 def value_bars(labels: list[str], values: list[float], title: str, width: int = 70) -> str:
     """Horizontal bars of arbitrary non-negative values (sizes, latencies)."""
     figure = _figure(width, 3 * len(labels) + 4)
-    figure.draw(figure.bar(labels[::-1], values[::-1], orientation="h", width=0.6, labeled=True))
+    figure.draw(figure.bar(labels[::-1], values[::-1], orientation="h", width=0.6,
+                           labeled=[f"{v:.3g}" for v in values[::-1]]))
     figure.ruler(0).lim(0, max(values, default=1) * 1.1 or 1)
     figure.title(title)
     return _render(figure)

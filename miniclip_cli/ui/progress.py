@@ -6,7 +6,6 @@ from pathlib import Path
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from ..train import Callbacks
 from .console import err
 
 
@@ -16,8 +15,8 @@ def _progress() -> Progress:
                     TimeRemainingColumn(), console=err)
 
 
-class TrainProgress(Callbacks):
-    """Shows epoch, step, loss, pairs/s and ETA; prints one line per finished epoch."""
+class TrainProgress:
+    """The training loop's callbacks (see train.Callbacks) as a Rich progress bar. Shows epoch, step, loss, pairs/s and ETA; prints one line per finished epoch."""
 
     def __init__(self):
         self.progress = _progress()

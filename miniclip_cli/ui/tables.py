@@ -50,3 +50,56 @@ def probability_table(captions: list[str], probabilities: list[float]) -> Table:
         style = "bold green" if i == best else None
         table.add_row(caption, f"{100 * p:.1f}%", style=style)
     return table
+
+
+def export_table(report: dict) -> Table:
+    table = Table(title="ONNX export checks")
+    for column in ("comparison", "encoder", "max |diff|", "min cosine", "mean cosine"):
+        table.add_column(column, justify="left" if column in ("comparison", "encoder") else "right")
+    for comparison in ("fp32_vs_torch", "int8_vs_fp32"):
+        for tower in ("image", "text"):
+            c = report["checks"][comparison][tower]
+            table.add_row(comparison.replace("_", " "), tower, f"{c['max_abs_diff']:.2e}", f"{c['min_cosine']:.5f}",
+                          f"{c['mean_cosine']:.5f}")
+    sizes = report["size_mb"]
+    table.caption = (f"on {report['checks']['images']} images and {report['checks']['captions']} captions  ·  "
+                     f"size fp32 {sizes['fp32']:.2f} MB, int8 {sizes['int8']:.2f} MB")
+    return table
+
+
+def accuracy_change_table(accuracy: dict) -> Table:
+    table = Table(title="accuracy: ONNX fp32 vs int8")
+    table.add_column("metric")
+    for name in ("fp32", "int8", "int8_minus_fp32"):
+        table.add_column(name.replace("_", " "), justify="right")
+    for key in accuracy["fp32"]:
+        table.add_row(key, *(f"{accuracy[n][key]:+.2f}" if n == "int8_minus_fp32" else f"{accuracy[n][key]:.2f}"
+                             for n in ("fp32", "int8", "int8_minus_fp32")))
+    return table
+
+
+def _ms(t: dict) -> str:
+    """Median, then half the p10-p90 range as the spread."""
+    return f"{t['median_ms']:.2f} ±{(t['p90_ms'] - t['p10_ms']) / 2:.2f}"
+
+
+def bench_table(rows: list[dict], machine: dict) -> Table:
+    table = Table(title="miniclip bench: median ms ± half the p10-p90 range")
+    metric_keys = []
+    for r in rows:
+        for k in r.get("accuracy", {}):
+            if k not in metric_keys and k not in ("image_to_text_R@5", "text_to_image_R@5", "top5"):
+                metric_keys.append(k)
+    for column in ("backend", "MB", "image ms", "caption ms", "1+3 ms", "img/s", *metric_keys, "speed-up"):
+        table.add_column(column.replace("image_to_text_", "i→t ").replace("text_to_image_", "t→i "),
+                         justify="left" if column == "backend" else "right", no_wrap=column == "backend")
+    for r in rows:
+        if "error" in r:
+            table.add_row(r["row"], f"[dim]cannot run: {r['error']}[/]", *[""] * (5 + len(metric_keys)))
+            continue
+        table.add_row(r["row"], f"{r['size_mb']:.2f}", _ms(r["image_ms"]), _ms(r["caption_ms"]), _ms(r["demo_ms"]),
+                      f"{r['images_per_s']:.0f}", *(f"{r['accuracy'][k]:.2f}" if k in r.get("accuracy", {}) else ""
+                                                    for k in metric_keys),
+                      f"{r['speedup_demo']:.2f}x")
+    table.caption = f"{machine['cpu']} · {', '.join(machine['extensions']) or 'no AVX2'} · {machine['threads']} threads"
+    return table

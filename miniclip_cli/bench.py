@@ -1,0 +1,102 @@
+"""Measures inference size, latency and throughput of one run across backends. Draws nothing."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .errors import MiniclipError
+from .run_files import BEST, LAST
+from .runtime import ONNX_DIR, ONNX_FILES, Encoder, OnnxEncoder, open_encoder
+
+ROWS = ("PyTorch fp32", "ONNX fp32", "ONNX int8")
+DEMO_CAPTIONS = ("a dog runs on the grass", "two children play in the water", "a man rides a bicycle down a street")
+
+
+def cpu_info() -> dict:
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and name in ("", platform.machine(), platform.processor()):
+                name = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:  # not Linux: the name from platform is what there is
+        pass
+    extensions = [label for flag, label in (("avx2", "AVX2"), ("avx512f", "AVX-512"), ("avx512_vnni", "AVX512-VNNI"),
+                                            ("avx_vnni", "AVX-VNNI"), ("avx512_bf16", "AVX512-BF16"), ("amx_tile", "AMX"))
+                  if flag in flags]
+    return {"cpu": name, "extensions": extensions, "threads": os.cpu_count()}
+
+
+def _timings(fn, repeats: int, warmup: int = 3) -> dict:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1000.0)
+    times.sort()
+    return {"median_ms": statistics.median(times), "p10_ms": times[len(times) // 10],
+            "p90_ms": times[min(len(times) - 1, (9 * len(times)) // 10)]}
+
+
+def measure(encoder: Encoder, image: Path, repeats: int = 30, batch: int = 64) -> dict:
+    """Latencies from preprocessed pixels and raw caption text, so every backend does the same work:
+    image at batch 1, caption at batch 1, the demo's 1 image + 3 captions, and images/s at `batch`."""
+    pixels = encoder.pixels([image])
+    batch_pixels = np.repeat(pixels, batch, axis=0)
+    captions = list(DEMO_CAPTIONS)
+
+    def demo():
+        image_features = encoder.encode_pixels(pixels)
+        logits = encoder.logit_scale * image_features @ encoder.encode_texts(captions).T
+        return np.exp(logits - logits.max()).sum()
+
+    batched = _timings(lambda: encoder.encode_pixels(batch_pixels), max(3, repeats // 6), warmup=1)
+    return {
+        "image_ms": _timings(lambda: encoder.encode_pixels(pixels), repeats),
+        "caption_ms": _timings(lambda: encoder.encode_texts(captions[:1]), repeats),
+        "demo_ms": _timings(demo, repeats),
+        "images_per_s": batch * 1000.0 / batched["median_ms"],
+        "batch": batch,
+    }
+
+
+def _size_mb(run: Path, row: str, which: str) -> float:
+    if row == "PyTorch fp32":
+        return (run / (BEST if which == "best" and (run / BEST).is_file() else LAST)).stat().st_size / 1e6
+    files = ONNX_FILES["fp32" if row == "ONNX fp32" else "int8"]
+    return sum((run / ONNX_DIR / f).stat().st_size for f in files) / 1e6
+
+
+def open_row(run: Path, row: str, which: str) -> Encoder:
+    if row == "PyTorch fp32":
+        return open_encoder(run, "torch", which, device="cpu", precision="fp32")
+    return OnnxEncoder(run / ONNX_DIR, "fp32" if row == "ONNX fp32" else "int8")
+
+
+def bench_rows(run: Path, image: Path, which: str = "best", repeats: int = 30, accuracy=None) -> list[dict]:
+    """One dict per row; a row that cannot run carries `error` (why) instead of numbers.
+    `accuracy(encoder) -> dict` adds accuracy metrics when given."""
+    rows = []
+    for row in ROWS:
+        try:
+            encoder = open_row(run, row, which)
+            result = {"row": row, "size_mb": _size_mb(run, row, which), **measure(encoder, image, repeats)}
+            if accuracy is not None:
+                result["accuracy"] = accuracy(encoder)
+        except (MiniclipError, ImportError, OSError) as exc:
+            result = {"row": row, "error": str(exc)}
+        rows.append(result)
+    base = next((r for r in rows if r["row"] == "PyTorch fp32" and "error" not in r), None)
+    for r in rows:
+        if base and "error" not in r:
+            r["speedup_demo"] = base["demo_ms"]["median_ms"] / r["demo_ms"]["median_ms"]
+    return rows

@@ -1,0 +1,162 @@
+"""`miniclip quantize` (ONNX export + int8) and `miniclip bench` (size, latency and accuracy side by side)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from ..config import RunConfig
+from ..data.image_folder import ImageFolder
+from ..errors import ConfigError, DataError, ThresholdError
+from ..evaluate import evaluate_retrieval, evaluate_zero_shot
+from ..run_files import CONFIG
+from ..runtime import ONNX_DIR, OnnxEncoder
+from ..ui import charts, tables
+from ..ui.console import info, out, warn
+from . import command
+from .common import open_dataset, print_json, split_items
+
+CHECK_IMAGES, CHECK_CAPTIONS = 32, 64
+
+
+def _check_inputs(run: Path, data: str | None, zero_shot: Path | None, quiet: bool) -> tuple[list[Path], list[str]]:
+    """Real images and captions to compare the exported graphs on: from --data or --zero-shot, else the
+    run's own dataset."""
+    config = RunConfig.load(run / CONFIG)
+    if data is None and zero_shot is not None:
+        folder = ImageFolder.scan(zero_shot)
+        step = max(1, len(folder.paths) // CHECK_IMAGES)
+        return folder.paths[::step][:CHECK_IMAGES], [t.format(n) for n in folder.class_names for t in config.data.templates]
+    source = data if data is not None else config.data.path
+    try:
+        caption_set = open_dataset(source, allow_outside=config.data.allow_outside_paths, quiet=quiet)
+        items = split_items(caption_set, "val" if caption_set.has_splits else "all")
+    except DataError as exc:
+        raise DataError(f"cannot read the run's dataset to check the export on ({exc}); pass --data or --zero-shot") from None
+    items = items[:CHECK_IMAGES]
+    return [item.image for item in items], [c for item in items for c in item.captions][:CHECK_CAPTIONS]
+
+
+def accuracy(encoder, data: str | None, split: str, zero_shot: Path | None, templates: list[str]) -> dict:
+    """Retrieval metrics on --data and/or zero-shot metrics on --zero-shot."""
+    metrics = {}
+    if data is not None:
+        retrieval = evaluate_retrieval(encoder, split_items(open_dataset(data, quiet=True), split))
+        metrics.update({k: v for k, v in retrieval.items() if "R@" in k or k == "mean_recall"})
+    if zero_shot is not None:
+        zs = evaluate_zero_shot(encoder, ImageFolder.scan(zero_shot), templates)
+        metrics.update(top1=zs["top1"], top5=zs["top5"])
+    return metrics
+
+
+@command("quantize")
+def quantize_command(
+    run: Path = typer.Argument(..., help="A run folder written by `miniclip train`."),
+    data: Optional[str] = typer.Option(None, "--data", help="Caption dataset: check on its images and report int8's retrieval change."),
+    split: str = typer.Option("test", "--split", help="Split of --data for the accuracy comparison."),
+    zero_shot: Optional[Path] = typer.Option(None, "--zero-shot", help="Image folder CLASS/IMAGE: report int8's zero-shot change."),
+    templates: Optional[List[str]] = typer.Option(None, "--template", help="Zero-shot prompt(s); default: the run's."),
+    which: str = typer.Option("best", "--checkpoint", help="best or last."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
+):
+    """Export a run to ONNX (fp32) and quantise it to int8, checking both against PyTorch.
+
+    Writes RUN/onnx/: image and text encoders in fp32 and int8, tokenizer.json and metadata.json, a
+    complete model for `--backend onnx`, which needs no PyTorch. Nothing is replaced if a check fails.
+
+    Examples:
+
+        miniclip quantize artifacts/runs/f30k
+
+        miniclip quantize artifacts/runs/f30k --data ~/datasets/flickr30k --split test
+    """
+    from ..export import export_run
+
+    images, captions = _check_inputs(run, data, zero_shot, json_out)
+    if not json_out:
+        info(f"exporting {run} and checking on {len(images)} images and {len(captions)} captions ...")
+    report = export_run(run, images, captions, which)
+    if data is not None or zero_shot is not None:
+        prompts = list(templates or RunConfig.load(run / CONFIG).data.templates)
+        folder = run / ONNX_DIR
+        report["accuracy"] = {name: accuracy(OnnxEncoder(folder, name), data, split, zero_shot, prompts)
+                              for name in ("fp32", "int8")}
+        report["accuracy"]["int8_minus_fp32"] = {k: report["accuracy"]["int8"][k] - v
+                                                 for k, v in report["accuracy"]["fp32"].items()}
+    if json_out:
+        print_json(report)
+        return
+    out.print(tables.export_table(report))
+    if report.get("accuracy"):
+        out.print(tables.accuracy_change_table(report["accuracy"]))
+    out.print(f"wrote {report['folder']}. Try: miniclip classify IMAGE -c 'a dog' -c 'a cat' --model {run} --backend onnx")
+
+
+def _parse_floors(specs: list[str]) -> dict[str, float]:
+    floors = {}
+    for spec in specs:
+        name, _, value = spec.partition("=")
+        try:
+            floors[name.strip()] = float(value)
+        except ValueError:
+            raise ConfigError(f"--min-metric {spec!r}: expected NAME=VALUE, e.g. top1=30 or image_to_text_R@5=20") from None
+    return floors
+
+
+@command("bench")
+def bench_command(
+    run: Path = typer.Argument(..., help="A run folder (run `miniclip quantize` first for the ONNX rows)."),
+    data: Optional[str] = typer.Option(None, "--data", help="Caption dataset: retrieval accuracy per row."),
+    split: str = typer.Option("test", "--split", help="Split of --data."),
+    zero_shot: Optional[Path] = typer.Option(None, "--zero-shot", help="Image folder CLASS/IMAGE: zero-shot top-1 per row."),
+    templates: Optional[List[str]] = typer.Option(None, "--template", help="Zero-shot prompt(s); default: the run's."),
+    image: Optional[Path] = typer.Option(None, "--image", help="Image for the latency runs; default: one from --data/--zero-shot/the run's data."),
+    repeats: int = typer.Option(30, "--repeats", help="Timed runs per measurement (after warm-up); medians reported."),
+    which: str = typer.Option("best", "--checkpoint", help="best or last."),
+    min_metric: Optional[List[str]] = typer.Option(None, "--min-metric", help="NAME=VALUE: exit non-zero if any row's metric is below it."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
+):
+    """Benchmark PyTorch fp32, ONNX fp32 and ONNX int8 side by side: size, latency, throughput, accuracy.
+
+    Latencies are medians over warm runs (p10-p90 shown) on preprocessed pixels and raw caption text; the
+    demo workload is 1 image + 3 captions. The CPU, its vector extensions and thread count are recorded.
+
+    Examples:
+
+        miniclip bench artifacts/runs/f30k --data ~/datasets/flickr30k --split test
+
+        miniclip bench artifacts/runs/f30k --zero-shot ~/datasets/cifar10/test --min-metric top1=25 --json
+    """
+    from ..bench import bench_rows, cpu_info
+
+    floors = _parse_floors(min_metric or [])
+    if image is None:
+        image = _check_inputs(run, data, zero_shot, quiet=True)[0][0]
+    prompts = list(templates or RunConfig.load(run / CONFIG).data.templates)
+    measure_accuracy = None
+    if data is not None or zero_shot is not None:
+        def measure_accuracy(encoder):
+            return accuracy(encoder, data, split, zero_shot, prompts)
+    machine = cpu_info()
+    if not json_out:
+        info(f"benchmarking on {machine['cpu']} ({', '.join(machine['extensions']) or 'no AVX2'}), "
+             f"{machine['threads']} threads ...")
+    rows = bench_rows(run, image, which, repeats, measure_accuracy)
+    failures = [f"{r['row']} {name} {r['accuracy'][name]:.2f} < {floor}" for r in rows if "accuracy" in r
+                for name, floor in floors.items() if name in r["accuracy"] and r["accuracy"][name] < floor]
+    unknown = [name for name in floors if not any(name in r.get("accuracy", {}) for r in rows)]
+    if json_out:
+        print_json({"run": str(run), "machine": machine, "rows": rows})
+    else:
+        out.print(tables.bench_table(rows, machine))
+        ok = [r for r in rows if "error" not in r]
+        out.print(charts.value_bars([r["row"] for r in ok], [r["size_mb"] for r in ok], "file size (MB)"))
+        out.print(charts.value_bars([r["row"] for r in ok], [r["demo_ms"]["median_ms"] for r in ok],
+                                    "1 image + 3 captions (ms, median)"))
+    if unknown:
+        raise ConfigError(f"--min-metric names {unknown}, which no row measured; pass --data or --zero-shot, "
+                          "and use keys such as top1, image_to_text_R@5, mean_recall")
+    if failures:
+        raise ThresholdError("below --min-metric: " + "; ".join(failures))

@@ -1,0 +1,33 @@
+"""The names of the files in a run folder, and the atomic writes every one of them goes through.
+
+No torch here: the CLI and the ONNX runtime use these without loading PyTorch.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+CONFIG, TOKENIZER, BEST, LAST, RESUME, HISTORY = (
+    "config.json", "tokenizer.json", "best.safetensors", "last.safetensors", "resume.safetensors", "history.jsonl")
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call write(tmp_path), fsync, then rename over `path`: readers see the old file or the new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
