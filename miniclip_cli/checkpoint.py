@@ -22,7 +22,16 @@ from safetensors.torch import load_file, save_file
 from .config import RunConfig
 from .errors import CheckpointError
 from .model import MiniCLIP
-from .run_files import BEST, CONFIG, HISTORY, LAST, RESUME, TOKENIZER, atomic_write, atomic_write_text
+from .run_files import (
+    BEST,
+    CONFIG,
+    HISTORY,
+    LAST,
+    RESUME,
+    TOKENIZER,
+    atomic_write,
+    atomic_write_text,
+)
 from .tokenizer import Tokenizer
 
 

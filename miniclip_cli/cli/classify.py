@@ -13,7 +13,7 @@ from ..runtime import open_encoder
 from ..ui import charts, tables
 from ..ui.console import err, out
 from . import command
-from .common import print_json
+from .common import Backend, Checkpoint, Device, JsonFlag, print_json
 
 DEFAULT_PROMPTS = 3
 
@@ -45,10 +45,10 @@ def classify_command(
     image: Optional[Path] = typer.Argument(None, help="Image file. Omit for the interactive loop."),
     captions: Optional[List[str]] = typer.Option(None, "--caption", "-c", help="A candidate caption; give two or more."),
     model_dir: Path = typer.Option(..., "--model", "-m", help="A run folder written by `miniclip train`."),
-    which: str = typer.Option("best", "--checkpoint", help="best or last."),
-    backend: str = typer.Option("torch", "--backend", help="torch, onnx (the int8 export, no PyTorch needed) or onnx-fp32."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
-    json_out: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
+    which: Checkpoint = "best",
+    backend: Backend = "torch",
+    device: Device = "auto",
+    json_out: JsonFlag = False,
 ):
     """Score captions against an image: a probability per caption, as a table and a bar chart.
 

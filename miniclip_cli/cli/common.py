@@ -4,10 +4,19 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Annotated, List, Optional
+
+import typer
 
 from ..data import shapes
-from ..data.layouts import CaptionSet, ImageCaptions, drop_missing_images, load_caption_set, select_split
-from ..ui.console import info, out, warn
+from ..data.layouts import (
+    CaptionSet,
+    ImageCaptions,
+    drop_missing_images,
+    load_caption_set,
+    select_split,
+)
+from ..ui.console import info, warn
 
 BUILTIN_NAME = "shapes"
 
@@ -49,4 +58,14 @@ def dataset_name(path: str | None) -> str:
     return (p.parent.name if p.is_file() else p.name) or "run"
 
 
-__all__ = ["open_dataset", "split_items", "print_json", "dataset_name", "out"]
+
+
+# Options several commands share, declared once.
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")]
+Checkpoint = Annotated[str, typer.Option("--checkpoint", help="best or last.")]
+Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or mps.")]
+Backend = Annotated[str, typer.Option("--backend", help="torch, onnx (the int8 export, no PyTorch needed) or onnx-fp32.")]
+Split = Annotated[str, typer.Option("--split", help="train, val, test or all.")]
+ZeroShot = Annotated[Optional[Path], typer.Option("--zero-shot", help="Image folder CLASS/IMAGE for zero-shot classification.")]
+Templates = Annotated[Optional[List[str]], typer.Option("--template", help="Prompt with {} for the class name; repeat to average several. Default: the run's.")]
+AllowOutside = Annotated[bool, typer.Option("--allow-outside-paths", help="Accept caption-file image paths outside the dataset folder.")]

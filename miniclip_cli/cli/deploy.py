@@ -14,9 +14,18 @@ from ..evaluate import evaluate_retrieval, evaluate_zero_shot
 from ..run_files import CONFIG
 from ..runtime import ONNX_DIR, OnnxEncoder
 from ..ui import charts, tables
-from ..ui.console import info, out, warn
+from ..ui.console import info, out
 from . import command
-from .common import open_dataset, print_json, split_items
+from .common import (
+    Checkpoint,
+    JsonFlag,
+    Split,
+    Templates,
+    ZeroShot,
+    open_dataset,
+    print_json,
+    split_items,
+)
 
 CHECK_IMAGES, CHECK_CAPTIONS = 32, 64
 
@@ -55,11 +64,11 @@ def accuracy(encoder, data: str | None, split: str, zero_shot: Path | None, temp
 def quantize_command(
     run: Path = typer.Argument(..., help="A run folder written by `miniclip train`."),
     data: Optional[str] = typer.Option(None, "--data", help="Caption dataset: check on its images and report int8's retrieval change."),
-    split: str = typer.Option("test", "--split", help="Split of --data for the accuracy comparison."),
-    zero_shot: Optional[Path] = typer.Option(None, "--zero-shot", help="Image folder CLASS/IMAGE: report int8's zero-shot change."),
-    templates: Optional[List[str]] = typer.Option(None, "--template", help="Zero-shot prompt(s); default: the run's."),
-    which: str = typer.Option("best", "--checkpoint", help="best or last."),
-    json_out: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
+    split: Split = "test",
+    zero_shot: ZeroShot = None,
+    templates: Templates = None,
+    which: Checkpoint = "best",
+    json_out: JsonFlag = False,
 ):
     """Export a run to ONNX (fp32) and quantise it to int8, checking both against PyTorch.
 
@@ -109,14 +118,14 @@ def _parse_floors(specs: list[str]) -> dict[str, float]:
 def bench_command(
     run: Path = typer.Argument(..., help="A run folder (run `miniclip quantize` first for the ONNX rows)."),
     data: Optional[str] = typer.Option(None, "--data", help="Caption dataset: retrieval accuracy per row."),
-    split: str = typer.Option("test", "--split", help="Split of --data."),
-    zero_shot: Optional[Path] = typer.Option(None, "--zero-shot", help="Image folder CLASS/IMAGE: zero-shot top-1 per row."),
-    templates: Optional[List[str]] = typer.Option(None, "--template", help="Zero-shot prompt(s); default: the run's."),
+    split: Split = "test",
+    zero_shot: ZeroShot = None,
+    templates: Templates = None,
     image: Optional[Path] = typer.Option(None, "--image", help="Image for the latency runs; default: one from --data/--zero-shot/the run's data."),
     repeats: int = typer.Option(30, "--repeats", help="Timed runs per measurement (after warm-up); medians reported."),
-    which: str = typer.Option("best", "--checkpoint", help="best or last."),
+    which: Checkpoint = "best",
     min_metric: Optional[List[str]] = typer.Option(None, "--min-metric", help="NAME=VALUE: exit non-zero if any row's metric is below it."),
-    json_out: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
+    json_out: JsonFlag = False,
 ):
     """Benchmark PyTorch fp32, ONNX fp32 and ONNX int8 side by side: size, latency, throughput, accuracy.
 

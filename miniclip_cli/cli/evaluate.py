@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import List, Optional
+from typing import Optional
 
 import typer
 
 from ..config import RunConfig
+from ..data import shapes
 from ..data.image_folder import ImageFolder
 from ..errors import ConfigError
 from ..evaluate import evaluate_retrieval, evaluate_zero_shot
@@ -17,7 +18,19 @@ from ..ui import tables
 from ..ui.console import out
 from ..ui.progress import CountProgress
 from . import command
-from .common import open_dataset, print_json, split_items
+from .common import (
+    AllowOutside,
+    Backend,
+    Checkpoint,
+    Device,
+    JsonFlag,
+    Split,
+    Templates,
+    ZeroShot,
+    open_dataset,
+    print_json,
+    split_items,
+)
 
 
 def held_out_summary(folder: ImageFolder, metrics: dict) -> dict:
@@ -38,15 +51,15 @@ def held_out_summary(folder: ImageFolder, metrics: dict) -> dict:
 def eval_command(
     run: Path = typer.Argument(..., help="A run folder written by `miniclip train`."),
     data: Optional[str] = typer.Option(None, "--data", help="Caption dataset for retrieval. Default: the run's own dataset."),
-    split: str = typer.Option("test", "--split", help="train, val, test or all."),
-    zero_shot: Optional[Path] = typer.Option(None, "--zero-shot", help="Image folder CLASS/IMAGE for zero-shot classification."),
-    templates: Optional[List[str]] = typer.Option(None, "--template", help="Prompt with {} for the class name; repeat to average several."),
-    which: str = typer.Option("best", "--checkpoint", help="best or last."),
-    backend: str = typer.Option("torch", "--backend", help="torch, onnx (the int8 export, no PyTorch needed) or onnx-fp32."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
+    split: Split = "test",
+    zero_shot: ZeroShot = None,
+    templates: Templates = None,
+    which: Checkpoint = "best",
+    backend: Backend = "torch",
+    device: Device = "auto",
     precision: str = typer.Option("auto", "--precision", help="PyTorch backend: auto, fp32 or bf16."),
-    allow_outside_paths: bool = typer.Option(False, "--allow-outside-paths", help="Accept image paths outside the dataset folder."),
-    json_out: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
+    allow_outside_paths: AllowOutside = False,
+    json_out: JsonFlag = False,
 ):
     """Evaluate a trained run: image<->text retrieval recall@1/5/10 and zero-shot classification.
 
@@ -66,6 +79,8 @@ def eval_command(
     config = RunConfig.load(run / "config.json")
     if data is None and zero_shot is None:
         data_path, zero_shot_path = config.data.path, config.data.zero_shot
+        if data_path is None and zero_shot_path is None:
+            zero_shot_path = shapes.generate(shapes.default_root()) / "zero_shot"
         do_retrieval = True
     else:
         data_path, zero_shot_path, do_retrieval = data, zero_shot, data is not None

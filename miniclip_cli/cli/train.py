@@ -8,7 +8,6 @@ from typing import Optional
 import typer
 
 from ..config import DataConfig, ModelConfig, RunConfig, TrainConfig, tiny_model_config
-from ..data import shapes
 from ..errors import ConfigError, DataError
 from ..run_files import CONFIG, RESUME, TOKENIZER, atomic_write_text
 from ..tokenizer import Tokenizer, train_tokenizer
@@ -16,7 +15,16 @@ from ..ui import charts
 from ..ui.console import err, info, out, warn
 from ..ui.progress import TrainProgress
 from . import command
-from .common import dataset_name, open_dataset, print_json, split_items
+from .common import (
+    AllowOutside,
+    Device,
+    JsonFlag,
+    ZeroShot,
+    dataset_name,
+    open_dataset,
+    print_json,
+    split_items,
+)
 
 PRESETS = {"default": ModelConfig, "tiny": tiny_model_config}
 DATA_HELP = "Caption file or dataset folder (see README 'Data layouts'). Omit for the built-in shapes dataset."
@@ -61,7 +69,7 @@ def train_tokenizer_command(
     out_path: Path = typer.Option(Path("artifacts/tokenizer.json"), "--out", help="Where to write tokenizer.json."),
     vocab_size: int = typer.Option(10_000, "--vocab-size", help="Largest vocabulary to learn (fewer if the captions run out of merges)."),
     context_length: int = typer.Option(64, "--context-length", help="Report how many captions exceed this many tokens."),
-    json_out: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
+    json_out: JsonFlag = False,
 ):
     """Train the byte-pair-encoding caption tokenizer on a dataset's training captions.
 
@@ -99,7 +107,7 @@ def train_command(
     lr: float = typer.Option(5e-4, "--lr", help="Peak learning rate (AdamW, warm-up then cosine decay)."),
     weight_decay: float = typer.Option(0.2, "--weight-decay", help="AdamW weight decay on weight matrices."),
     captions: str = typer.Option("one", "--captions", help="'one': one caption per image per epoch, drawn anew; 'all': every caption."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
+    device: Device = "auto",
     precision: str = typer.Option("auto", "--precision", help="auto (bf16 where fast), fp32 or bf16."),
     seed: int = typer.Option(0, "--seed", help="Seeds weights, data order, caption draws and crops."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many steps in all (resumable)."),
@@ -107,9 +115,9 @@ def train_command(
     save_every: Optional[int] = typer.Option(None, "--save-every", help="Also write a resumable checkpoint every N steps."),
     workers: int = typer.Option(-1, "--workers", help="Data loader processes; -1 picks by device."),
     preset: str = typer.Option("default", "--preset", help="Model size: default (9 M parameters) or tiny (for smoke tests)."),
-    zero_shot: Optional[Path] = typer.Option(None, "--zero-shot", help="An image folder CLASS/IMAGE that `eval` reports on by default."),
-    allow_outside_paths: bool = typer.Option(False, "--allow-outside-paths", help="Accept caption-file image paths outside the dataset folder."),
-    json_out: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
+    zero_shot: ZeroShot = None,
+    allow_outside_paths: AllowOutside = False,
+    json_out: JsonFlag = False,
 ):
     """Train a MiniCLIP model from scratch on image-caption pairs.
 
@@ -173,8 +181,7 @@ def train_command(
         model_config.vocab_size = tokenizer.vocab_size
         data_config = DataConfig(path=None if data is None else str(Path(data).expanduser().resolve()),
                                  layout=caption_set.layout, allow_outside_paths=allow_outside_paths)
-        if data is None:
-            data_config.zero_shot = str((shapes.default_root() / "zero_shot").resolve())
+        if data is None:  # `eval` finds the built-in zero-shot folder itself, wherever it is run from
             data_config.templates = ("a photo of a {}", "a {}")  # the captions' own style: no full stop
         if zero_shot is not None:
             data_config.zero_shot = str(zero_shot.expanduser().resolve())
