@@ -16,11 +16,11 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from .config import RunConfig
-from .errors import CheckpointError
+from .config import RunConfig, load_run_config
+from .errors import CheckpointError, SaveError
 from .model import MiniCLIP
 from .run_files import (
     BEST,
@@ -30,7 +30,7 @@ from .run_files import (
     RESUME,
     TOKENIZER,
     atomic_write,
-    atomic_write_text,
+    remove_stale_temporaries,
 )
 from .tokenizer import Tokenizer
 
@@ -39,13 +39,29 @@ def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in state.items()}
 
 
+def _save(path: Path, write) -> None:
+    """atomic_write, with a failure (a full disk, the folder removed) as one SaveError naming the file.
+
+    safetensors reports a full disk as SafetensorError, not OSError."""
+    try:
+        atomic_write(path, write)
+    except (OSError, SafetensorError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0][:100]
+        raise SaveError(f"{path}: could not be written ({reason}); the previous {path.name}, if any, is unchanged; "
+                        "free disk space or choose another --out") from None
+
+
 def save_weights(path: Path, model: MiniCLIP) -> None:
-    atomic_write(path, lambda tmp: save_file(_contiguous(model.state_dict()), str(tmp)))
+    _save(path, lambda tmp: save_file(_contiguous(model.state_dict()), str(tmp)))
+
+
+def save_config(run: Path, config: RunConfig) -> None:
+    _save(run / CONFIG, lambda tmp: tmp.write_text(config.to_json(), encoding="utf-8"))
 
 
 def save_run_files(run: Path, config: RunConfig, tokenizer: Tokenizer) -> None:
-    atomic_write_text(run / CONFIG, config.to_json())
-    atomic_write(run / TOKENIZER, tokenizer.save)
+    save_config(run, config)
+    _save(run / TOKENIZER, lambda tmp: tmp.write_text(tokenizer.to_json(), encoding="utf-8"))
 
 
 def save_resume(run: Path, model: MiniCLIP, optimizer: torch.optim.Optimizer, counters: dict) -> None:
@@ -58,7 +74,7 @@ def save_resume(run: Path, model: MiniCLIP, optimizer: torch.optim.Optimizer, co
             tensors[f"optim.{index}.{name}"] = value if torch.is_tensor(value) else torch.tensor(value)
     tensors["rng.torch"] = torch.get_rng_state()
     meta = {"counters": json.dumps(counters), "param_groups": json.dumps(opt["param_groups"])}
-    atomic_write(run / RESUME, lambda tmp: save_file(_contiguous(tensors), str(tmp), metadata=meta))
+    _save(run / RESUME, lambda tmp: save_file(_contiguous(tensors), str(tmp), metadata=meta))
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -71,18 +87,32 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
                               "it is corrupt or not a miniclip checkpoint, restore it or retrain") from None
 
 
+def read_resume_metadata(run: Path) -> tuple[dict, list]:
+    """The loop counters and optimizer groups of RUN/resume.safetensors, from its header alone: cheap, so
+    `train --resume` can refuse a bad file before it opens the dataset. Nothing is unpickled."""
+    path = Path(run) / RESUME
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing; nothing to resume, start the run anew (`miniclip train --out {run}` "
+                              "in an empty folder)")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({str(exc)[:80]}); "
+                              "it is corrupt or not a miniclip checkpoint, restore it or retrain") from None
+    try:
+        counters, groups = json.loads(meta["counters"]), json.loads(meta["param_groups"])
+        int(counters["step"]), float(counters["best_mean_recall"])
+    except (KeyError, TypeError, ValueError):  # JSONDecodeError is a ValueError
+        raise CheckpointError(f"{path}: has no training counters; it was not written by `miniclip train`") from None
+    return counters, groups
+
+
 def load_resume(run: Path, model: MiniCLIP, optimizer: torch.optim.Optimizer) -> dict:
     path = run / RESUME
+    remove_stale_temporaries(run)  # a run killed mid-write leaves its temporary file behind
+    counters, groups = read_resume_metadata(run)
     tensors = _read_safetensors(path)
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    try:
-        counters = json.loads(meta["counters"])
-        groups = json.loads(meta["param_groups"])
-    except (KeyError, json.JSONDecodeError):
-        raise CheckpointError(f"{path}: has no training counters; it was not written by `miniclip train`") from None
     _load_model_state(model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, path)
     state: dict[int, dict] = {}
     for key, value in tensors.items():
@@ -91,9 +121,9 @@ def load_resume(run: Path, model: MiniCLIP, optimizer: torch.optim.Optimizer) ->
             state.setdefault(int(index), {})[name] = value
     try:
         optimizer.load_state_dict({"state": state, "param_groups": groups})
-    except (ValueError, KeyError, RuntimeError) as exc:
+        torch.set_rng_state(tensors["rng.torch"])
+    except (ValueError, KeyError, RuntimeError, TypeError) as exc:
         raise CheckpointError(f"{path}: optimizer state does not match the model ({exc}); start a new run") from None
-    torch.set_rng_state(tensors["rng.torch"])
     return counters
 
 
@@ -110,16 +140,27 @@ def _load_model_state(model: MiniCLIP, state: dict[str, torch.Tensor], path: Pat
     model.load_state_dict(state)
 
 
+def load_run_tokenizer(run: Path, config: RunConfig) -> Tokenizer:
+    """The run's own tokenizer.json, checked against the vocabulary size config.json was trained with."""
+    path = Path(run) / TOKENIZER
+    if not path.is_file():
+        # A newly trained tokenizer would not do: the weights only mean something with their own token ids.
+        raise CheckpointError(f"{path}: missing; the weights need the tokenizer they were trained with: "
+                              "restore it from a copy of the run, or retrain")
+    tokenizer = Tokenizer.load(path)
+    if tokenizer.vocab_size != config.model.vocab_size:
+        raise CheckpointError(f"{path}: vocabulary of {tokenizer.vocab_size} tokens, but config.json's model "
+                              f"has {config.model.vocab_size}; put back the tokenizer this run was trained with")
+    return tokenizer
+
+
 def load_run(run: str | Path, which: str = "best") -> tuple[MiniCLIP, RunConfig, Tokenizer]:
     """Rebuild a trained model from its run folder: config first, then tokenizer, then weights."""
     run = Path(run).expanduser()
     if not run.is_dir():
         raise CheckpointError(f"{run}: no such run folder; pass the --out folder of `miniclip train`")
-    config = RunConfig.load(run / CONFIG)
-    tokenizer = Tokenizer.load(run / TOKENIZER)
-    if tokenizer.vocab_size != config.model.vocab_size:
-        raise CheckpointError(f"{run / TOKENIZER}: vocabulary of {tokenizer.vocab_size} tokens, but config.json's model "
-                              f"has {config.model.vocab_size}; put back the tokenizer this run was trained with")
+    config = load_run_config(run)
+    tokenizer = load_run_tokenizer(run, config)
     model = MiniCLIP(config.model)
     weights = run / (BEST if which == "best" else LAST)
     if which == "best" and not weights.is_file() and (run / LAST).is_file():
@@ -137,4 +178,5 @@ def read_history(run: Path) -> list[dict]:
 
 
 def write_history(run: Path, history: list[dict]) -> None:
-    atomic_write_text(Path(run) / HISTORY, "".join(json.dumps(r) + "\n" for r in history))
+    text = "".join(json.dumps(r) + "\n" for r in history)
+    _save(Path(run) / HISTORY, lambda tmp: tmp.write_text(text, encoding="utf-8"))

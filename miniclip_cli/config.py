@@ -10,7 +10,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ConfigError
+from .errors import CheckpointError, ConfigError
+from .run_files import CONFIG
 
 # CLIP's ImageNet-derived statistics; any fixed values work for training from scratch, and these keep
 # inputs close to zero-mean, unit-variance on natural photos.
@@ -141,7 +142,10 @@ class RunConfig:
             except TypeError as exc:
                 raise ConfigError(f"{source}: bad {name} section: {exc}") from None
         config = cls(**parts)
-        config.validate()
+        try:
+            config.validate()
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
         return config
 
     @classmethod
@@ -153,6 +157,19 @@ class RunConfig:
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{path}: not valid JSON ({exc}); restore it from the training run") from None
         return cls.from_dict(raw, source=str(path))
+
+
+def load_run_config(run: str | Path) -> RunConfig:
+    """The config.json of a run folder. Any fault in it is a CheckpointError (exit 4), not a ConfigError: the
+    fix is to restore the run's own file, not to change a flag."""
+    path = Path(run).expanduser() / CONFIG
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing; every run folder needs the config.json `miniclip train` wrote "
+                              "there: restore it from a copy of the run, or retrain")
+    try:
+        return RunConfig.load(path)
+    except ConfigError as exc:
+        raise CheckpointError(f"{exc}; restore the file from a copy of the run, or retrain") from None
 
 
 def tiny_model_config(vocab_size: int = 300) -> ModelConfig:

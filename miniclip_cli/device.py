@@ -16,10 +16,18 @@ def pick_device(requested: str = "auto") -> torch.device:
         return torch.device("cpu")
     if requested == "cpu":
         return torch.device("cpu")
-    if requested.startswith("cuda"):
+    if requested == "cuda" or requested.startswith("cuda:"):
         if not torch.cuda.is_available():
-            raise DeviceError("--device cuda: no CUDA GPU is visible to PyTorch; use --device auto or cpu")
-        return torch.device(requested)
+            raise DeviceError(f"--device {requested}: no CUDA GPU is visible to PyTorch; use --device auto or cpu")
+        try:
+            device = torch.device(requested)
+        except RuntimeError:
+            raise DeviceError(f"--device {requested!r} is not a device name; use cuda, cuda:0, cuda:1, ...") from None
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise DeviceError(f"--device {requested}: PyTorch sees {count} GPU(s), numbered from cuda:0; "
+                              "pick one of those, or use --device auto or cpu")
+        return device
     if requested == "mps":
         if not torch.backends.mps.is_available():
             raise DeviceError("--device mps: Apple MPS is not available here; use --device auto or cpu")

@@ -28,6 +28,10 @@ class CheckpointError(MiniclipError):
     exit_code = 4
 
 
+class SaveError(CheckpointError):
+    """A run file that could not be written (disk full, folder removed); its previous version is unchanged."""
+
+
 class DeviceError(MiniclipError):
     """A requested device that this machine does not have."""
 

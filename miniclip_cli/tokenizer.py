@@ -22,6 +22,12 @@ PAD, START, END = "<pad>", "<start>", "<end>"
 SPECIALS = [PAD, START, END]  # ids 0, 1, 2
 
 
+def _encodable(text: str) -> str:
+    """`text` with lone surrogates as "?": `tokenizers` rejects them, and they do reach us, from JSON escapes
+    such as "\\ud800" and from command-line bytes that are not UTF-8."""
+    return text if text.isascii() else text.encode("utf-8", "replace").decode("utf-8")
+
+
 class Tokenizer:
     """Wraps a HuggingFace tokenizer whose post-processor adds <start> ... <end>."""
 
@@ -42,7 +48,7 @@ class Tokenizer:
         Captions longer than the context are cut so that <end> stays last. pad_to="longest" pads to the
         batch's longest caption (cheaper to train on); "max" pads to the full context (fixed ONNX shapes).
         """
-        encodings = [self.hf.encode(t) for t in texts]
+        encodings = [self.hf.encode(_encodable(t)) for t in texts]
         lengths = np.array([min(len(e.ids), context_length) for e in encodings], dtype=np.int64)
         width = context_length if pad_to == "max" else int(lengths.max(initial=2))
         ids = np.full((len(texts), width), self.pad_id, dtype=np.int64)
@@ -52,10 +58,17 @@ class Tokenizer:
         return ids, lengths
 
     def token_count(self, text: str) -> int:
-        return len(self.hf.encode(text).ids)
+        """Tokens in `text` with <start> and <end>, before any cut to the context."""
+        return len(self.hf.encode(_encodable(text)).ids)
 
     def decode(self, ids: Iterable[int]) -> str:
-        return self.hf.decode(list(ids), skip_special_tokens=True).strip()
+        """Text of token ids; ids outside the vocabulary (from another tokenizer, say) are dropped, not an error."""
+        size = self.vocab_size
+        return self.hf.decode([int(i) for i in ids if 0 <= i < size], skip_special_tokens=True).strip()
+
+    def to_json(self) -> str:
+        """What save writes: the whole tokenizer (vocabulary, merges, normaliser, specials) as JSON."""
+        return self.hf.to_str(pretty=True)
 
     def save(self, path: Path) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)

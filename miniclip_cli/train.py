@@ -29,6 +29,8 @@ class Callbacks:
     def on_validate(self, epoch: int) -> None: ...
     def on_epoch_end(self, record: dict) -> None: ...
     def on_checkpoint(self, path: Path) -> None: ...
+    def on_replaced_sample(self, message: str, total: int) -> None:
+        """A training image failed to load and another sample took its place; `total` so far in this run."""
 
 
 class TrainingInterrupted(Exception):
@@ -41,15 +43,16 @@ class TrainingInterrupted(Exception):
 
 @dataclass
 class Collate:
-    """Stacks images and tokenises a batch's captions, padded to the batch's longest caption."""
+    """Stacks images and tokenises a batch's captions, padded to the batch's longest caption; passes on the
+    messages of the samples PairDataset had to replace."""
 
     tokenizer: Tokenizer
     context_length: int
 
     def __call__(self, batch):
-        images, captions = zip(*batch)
+        images, captions, failures = zip(*batch)
         ids, lengths = self.tokenizer.encode(list(captions), self.context_length)
-        return torch.stack(images), torch.from_numpy(ids), torch.from_numpy(lengths)
+        return torch.stack(images), torch.from_numpy(ids), torch.from_numpy(lengths), [m for f in failures for m in f]
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -112,23 +115,28 @@ def fit(config: RunConfig, tokenizer: Tokenizer, train_items: list[ImageCaptions
     collate = Collate(tokenizer, config.model.context_length)
 
     step, history, best = 0, [], -1.0
+    losses: list[float] = []  # this epoch's, so far; saved with the resume file so its mean survives a restart
+    replaced = 0
     if resume:
         counters = checkpoint.load_resume(run, model, optimizer)
         step, best = counters["step"], counters["best_mean_recall"]
+        if step % steps_per_epoch:  # stopped mid-epoch (files from before this was saved have none)
+            losses = counters.get("epoch_losses", [])
         # History is written before the resume file, so it may hold a record past the resumable step.
         history = [r for r in checkpoint.read_history(run) if r["step"] <= step]
         model.to(device)
     else:
         checkpoint.save_run_files(run, config, tokenizer)
     stop_at = min(total_steps, tc.max_steps) if tc.max_steps else total_steps
-    callbacks.on_start(total_steps, step, steps_per_epoch,
-                       {"train_pairs": len(dataset), "val_images": len(val_items), "workers": workers,
-                        "precision": str(amp_dtype or torch.float32).replace("torch.", ""), "device": str(device)})
 
     def save_resume():
-        checkpoint.save_resume(run, model, optimizer, {"step": step, "best_mean_recall": best})
+        checkpoint.save_resume(run, model, optimizer, {"step": step, "best_mean_recall": best,
+                                                       "epoch_losses": losses if step % steps_per_epoch else []})
 
     try:
+        callbacks.on_start(total_steps, step, steps_per_epoch,
+                           {"train_pairs": len(dataset), "val_images": len(val_items), "workers": workers,
+                            "precision": str(amp_dtype or torch.float32).replace("torch.", ""), "device": str(device)})
         while step < stop_at:
             epoch, skip = divmod(step, steps_per_epoch)
             dataset.set_epoch(epoch)
@@ -137,8 +145,12 @@ def fit(config: RunConfig, tokenizer: Tokenizer, train_items: list[ImageCaptions
                 num_workers=workers, collate_fn=collate, drop_last=drop_last, pin_memory=device.type == "cuda",
                 persistent_workers=False)
             model.train()
-            losses, tick = [], time.perf_counter()
-            for images, ids, lengths in loader:
+            tick, replaced_this_epoch = time.perf_counter(), 0
+            for images, ids, lengths, failures in loader:
+                for message in failures:
+                    replaced += 1
+                    replaced_this_epoch += 1
+                    callbacks.on_replaced_sample(message, replaced)
                 for group in optimizer.param_groups:
                     group["lr"] = learning_rate(step, total_steps, tc.lr, warmup)
                 images, ids, lengths = (t.to(device, non_blocking=True) for t in (images, ids, lengths))
@@ -162,6 +174,9 @@ def fit(config: RunConfig, tokenizer: Tokenizer, train_items: list[ImageCaptions
             record = {"epoch": epoch + 1 if finished_epoch else round(epoch + (step % steps_per_epoch) / steps_per_epoch, 3),
                       "step": step, "train_loss": sum(losses) / max(len(losses), 1),
                       "lr": optimizer.param_groups[0]["lr"], "temperature": 1.0 / model.scale().item()}
+            losses = []
+            if replaced_this_epoch:
+                record["replaced_samples"] = replaced_this_epoch
             if val_items:
                 callbacks.on_validate(epoch + 1)
                 model.eval()

@@ -75,7 +75,7 @@ def test_token_malformed_lines_skipped_with_examples(tmp_path):
     text = "a.jpg#0\tfine\nno tab here\na.jpg#1\t   \n\nb.jpg#0\tok\njunk\njunk again\n"
     cs = load_caption_set(write(tmp_path / "x.token", text))
     assert [len(i.captions) for i in cs.items] == [1, 1]
-    assert cs.skipped == 4
+    assert cs.skipped == 4 and cs.empty_captions == 1
     assert cs.skipped_examples == [
         "line 2: no tab between image and caption",
         "line 3: empty caption",
@@ -104,7 +104,7 @@ def test_kaggle_captions_txt_commas_and_quotes(tmp_path):
     )
     assert cs.items[1].captions == ('The "big" dog, jumping', '"Hello" said the man, waving')
     assert len(cs.items) == 2
-    assert cs.skipped == 2
+    assert cs.skipped == 2 and cs.empty_captions == 1
     assert cs.skipped_examples == ["line 7: empty caption", "line 8: no comma between image and caption"]
 
 

@@ -29,7 +29,8 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show full traceback
 
 
 def command(name: str):
-    """Register a subcommand whose MiniclipErrors become one red line on stderr and their exit code."""
+    """Register a subcommand whose MiniclipErrors become one red line on stderr and their exit code, and whose
+    Ctrl-C is one line and exit code 130 (the shell's for SIGINT) rather than a traceback."""
 
     def register(function):
         @functools.wraps(function)
@@ -41,6 +42,11 @@ def command(name: str):
                     raise
                 err.print(f"[bold red]error:[/] {error}", soft_wrap=True)
                 raise typer.Exit(error.exit_code) from None
+            except KeyboardInterrupt:
+                if _debug["on"]:
+                    raise
+                err.print(f"[yellow]interrupted[/]: `miniclip {name}` stopped before it finished")
+                raise typer.Exit(130) from None
             except ModuleNotFoundError as error:
                 if _debug["on"] or error.name not in TRAINING_PACKAGES:
                     raise

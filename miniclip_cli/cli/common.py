@@ -9,6 +9,8 @@ from typing import Annotated, List, Optional
 import typer
 
 from ..data import shapes
+from ..data.checks import drop_unusable_images, find_unusable_images, summarise
+from ..data.image_folder import ImageFolder
 from ..data.layouts import (
     CaptionSet,
     ImageCaptions,
@@ -16,6 +18,7 @@ from ..data.layouts import (
     load_caption_set,
     select_split,
 )
+from ..errors import DataError
 from ..ui.console import info, warn
 
 BUILTIN_NAME = "shapes"
@@ -32,18 +35,40 @@ def open_dataset(path: str | None, allow_outside: bool = False, quiet: bool = Fa
     if not quiet:
         info(f"data: {caption_set.caption_file} ({caption_set.layout}), {len(caption_set.items)} images")
     if caption_set.skipped:
-        warn(f"{caption_set.caption_file}: skipped {caption_set.skipped} malformed line(s), e.g. "
-             + "; ".join(caption_set.skipped_examples))
+        empty, malformed = caption_set.empty_captions, caption_set.skipped - caption_set.empty_captions
+        what = ", ".join(part for part in (f"{empty} empty caption(s)" if empty else "",
+                                           f"{malformed} malformed line(s)" if malformed else "") if part)
+        warn(f"{caption_set.caption_file}: skipped {what}, e.g. " + "; ".join(caption_set.skipped_examples))
     return caption_set
 
 
-def split_items(caption_set: CaptionSet, split: str, seed: int = 0) -> list[ImageCaptions]:
+def split_items(caption_set: CaptionSet, split: str, seed: int = 0, check_images: bool = True) -> list[ImageCaptions]:
+    """The split's items whose image exists and, with `check_images` (train and eval), can be used."""
     items = select_split(caption_set, split, seed=seed)
     kept, missing, examples = drop_missing_images(items)
     if missing:
         warn(f"{caption_set.caption_file}: {missing} of {len(items)} images in split '{split}' are missing "
              f"under {caption_set.image_root} and were skipped, e.g. {', '.join(examples)}")
+    if check_images:
+        try:
+            kept, problems = drop_unusable_images(kept)
+        except DataError as exc:
+            raise DataError(f"{caption_set.image_root}: split '{split}': {exc}") from None
+        if problems:
+            warn(f"{caption_set.image_root}: {len(problems)} of {len(kept) + len(problems)} images in split "
+                 f"'{split}' cannot be used and were skipped: {summarise(problems)}")
     return kept
+
+
+def scan_folder(root: str | Path) -> ImageFolder:
+    """A zero-shot folder without the images that cannot be used, each skipped one counted in a warning."""
+    folder = ImageFolder.scan(root)
+    problems = find_unusable_images(folder.paths)
+    if problems:
+        warn(f"{folder.root}: {len(problems)} of {len(folder.paths)} images cannot be used and were skipped: "
+             f"{summarise(problems)}")
+        folder = folder.without({path for path, _ in problems})
+    return folder
 
 
 def print_json(payload: dict) -> None:

@@ -7,11 +7,9 @@ from typing import List, Optional
 
 import typer
 
-from ..config import RunConfig
-from ..data.image_folder import ImageFolder
+from ..config import load_run_config
 from ..errors import ConfigError, DataError, ThresholdError
 from ..evaluate import evaluate_retrieval, evaluate_zero_shot
-from ..run_files import CONFIG
 from ..runtime import ONNX_DIR, OnnxEncoder
 from ..ui import charts, tables
 from ..ui.console import info, out
@@ -24,6 +22,7 @@ from .common import (
     ZeroShot,
     open_dataset,
     print_json,
+    scan_folder,
     split_items,
 )
 
@@ -33,9 +32,9 @@ CHECK_IMAGES, CHECK_CAPTIONS = 32, 64
 def _check_inputs(run: Path, data: str | None, zero_shot: Path | None, quiet: bool) -> tuple[list[Path], list[str]]:
     """Real images and captions to compare the exported graphs on: from --data or --zero-shot, else the
     run's own dataset."""
-    config = RunConfig.load(run / CONFIG)
+    config = load_run_config(run)
     if data is None and zero_shot is not None:
-        folder = ImageFolder.scan(zero_shot)
+        folder = scan_folder(zero_shot)
         step = max(1, len(folder.paths) // CHECK_IMAGES)
         return folder.paths[::step][:CHECK_IMAGES], [t.format(n) for n in folder.class_names for t in config.data.templates]
     source = data if data is not None else config.data.path
@@ -55,7 +54,7 @@ def accuracy(encoder, data: str | None, split: str, zero_shot: Path | None, temp
         retrieval = evaluate_retrieval(encoder, split_items(open_dataset(data, quiet=True), split))
         metrics.update({k: v for k, v in retrieval.items() if "R@" in k or k == "mean_recall"})
     if zero_shot is not None:
-        zs = evaluate_zero_shot(encoder, ImageFolder.scan(zero_shot), templates)
+        zs = evaluate_zero_shot(encoder, scan_folder(zero_shot), templates)
         metrics.update(top1=zs["top1"], top5=zs["top5"])
     return metrics
 
@@ -88,7 +87,7 @@ def quantize_command(
         info(f"exporting {run} and checking on {len(images)} images and {len(captions)} captions ...")
     report = export_run(run, images, captions, which)
     if data is not None or zero_shot is not None:
-        prompts = list(templates or RunConfig.load(run / CONFIG).data.templates)
+        prompts = list(templates or load_run_config(run).data.templates)
         folder = run / ONNX_DIR
         report["accuracy"] = {name: accuracy(OnnxEncoder(folder, name), data, split, zero_shot, prompts)
                               for name in ("fp32", "int8")}
@@ -143,7 +142,7 @@ def bench_command(
     floors = _parse_floors(min_metric or [])
     if image is None:
         image = _check_inputs(run, data, zero_shot, quiet=True)[0][0]
-    prompts = list(templates or RunConfig.load(run / CONFIG).data.templates)
+    prompts = list(templates or load_run_config(run).data.templates)
     measure_accuracy = None
     if data is not None or zero_shot is not None:
         def measure_accuracy(encoder):

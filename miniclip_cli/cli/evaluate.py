@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from ..config import RunConfig
+from ..config import load_run_config
 from ..data import shapes
 from ..data.image_folder import ImageFolder
 from ..errors import ConfigError
@@ -29,6 +29,7 @@ from .common import (
     ZeroShot,
     open_dataset,
     print_json,
+    scan_folder,
     split_items,
 )
 
@@ -76,7 +77,7 @@ def eval_command(
         if "{}" not in template:
             raise ConfigError(f"--template {template!r} has no {{}} where the class name goes; e.g. 'a photo of a {{}}.'")
     encoder = open_encoder(run, backend, which, device, precision)
-    config = RunConfig.load(run / "config.json")
+    config = load_run_config(run)
     if data is None and zero_shot is None:
         data_path, zero_shot_path = config.data.path, config.data.zero_shot
         if data_path is None and zero_shot_path is None:
@@ -96,7 +97,7 @@ def eval_command(
             out.print(tables.retrieval_table(metrics, f"retrieval on {caption_set.caption_file.parent.name} ({split})"))
 
     if zero_shot_path is not None:
-        folder = ImageFolder.scan(zero_shot_path)
+        folder = scan_folder(zero_shot_path)
         prompts = list(templates or config.data.templates)
         with CountProgress("encoding zero-shot images") as progress:
             metrics = evaluate_zero_shot(encoder, folder, prompts, progress=progress)

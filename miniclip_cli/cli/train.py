@@ -7,9 +7,16 @@ from typing import Optional
 
 import typer
 
-from ..config import DataConfig, ModelConfig, RunConfig, TrainConfig, tiny_model_config
-from ..errors import ConfigError, DataError
-from ..run_files import CONFIG, RESUME, TOKENIZER, atomic_write_text
+from ..config import (
+    DataConfig,
+    ModelConfig,
+    RunConfig,
+    TrainConfig,
+    load_run_config,
+    tiny_model_config,
+)
+from ..errors import ConfigError, DataError, SaveError
+from ..run_files import CONFIG, RESUME
 from ..tokenizer import Tokenizer, train_tokenizer
 from ..ui import charts
 from ..ui.console import err, info, out, warn
@@ -84,7 +91,8 @@ def train_tokenizer_command(
     if vocab_size < 260:
         raise ConfigError(f"--vocab-size {vocab_size} is below the 256 byte tokens plus specials; use at least 260")
     caption_set = open_dataset(data, quiet=json_out)
-    captions = [c for item in split_items(caption_set, "train") for c in item.captions]
+    # The tokenizer needs captions only: no image check here.
+    captions = [c for item in split_items(caption_set, "train", check_images=False) for c in item.captions]
     tokenizer = train_tokenizer(captions, vocab_size)
     tokenizer.save(out_path)
     report = {"tokenizer": str(out_path), **_tokenizer_report(tokenizer, captions, context_length)}
@@ -132,18 +140,20 @@ def train_command(
 
         miniclip train --out artifacts/runs/f30k --resume
     """
+    from ..checkpoint import load_run_tokenizer, read_resume_metadata, save_config
     from ..device import pick_device
     from ..train import TrainingInterrupted, fit
 
     if resume:
         run = out_dir or _latest_run_folder(dataset_name(data))
-        config = RunConfig.load(run / CONFIG)
+        config = load_run_config(run)
+        tokenizer = load_run_tokenizer(run, config)
+        read_resume_metadata(run)  # a bad resume file fails now, not after the dataset is read
         if epochs is not None and epochs != config.train.epochs:
             config.train.epochs = epochs
             config.validate()
-            atomic_write_text(run / CONFIG, config.to_json())
+            save_config(run, config)
         config.train.max_steps = max_steps
-        tokenizer = Tokenizer.load(run / TOKENIZER)
         data = config.data.path
         info(f"resuming {run}")
     else:
@@ -187,10 +197,15 @@ def train_command(
             data_config.zero_shot = str(zero_shot.expanduser().resolve())
         config = RunConfig(model=model_config, train=train_config, data=data_config)
         config.validate()
-        report = _tokenizer_report(tokenizer, [c for item in train_items for c in item.captions[:1]],
-                                   model_config.context_length)
-        info(f"tokenizer: {report['vocab_size']} tokens; first captions average {report['mean_tokens']:.1f} tokens, "
-             f"max {report['max_tokens']}, {report['truncated']} cut to {model_config.context_length}")
+
+    context = config.model.context_length
+    report = _tokenizer_report(tokenizer, [c for item in train_items for c in item.captions], context)
+    if not json_out:
+        info(f"tokenizer: {report['vocab_size']} tokens; training captions average {report['mean_tokens']:.1f} "
+             f"tokens, max {report['max_tokens']}")
+    if report["truncated"]:
+        warn(f"{report['truncated']} of {report['captions']} training captions are longer than the model's "
+             f"{context}-token context and are cut to it (keeping their <end> token)")
 
     try:
         with TrainProgress() as progress:
@@ -198,8 +213,12 @@ def train_command(
                           save_every=save_every, callbacks=progress)
     except TrainingInterrupted as stop:
         err.print(f"[yellow]interrupted[/] at step {stop.step}; checkpoint saved. "
-                  f"Resume with: miniclip train --out {run} --resume")
+                  f"Resume with: miniclip train --out {run} --resume", soft_wrap=True)
         raise typer.Exit(130) from None
+    except SaveError as exc:
+        if (run / RESUME).is_file():
+            raise SaveError(f"{exc}, then continue with: miniclip train --out {run} --resume") from None
+        raise
 
     best = max((r for r in history if "val_mean_recall" in r), key=lambda r: r["val_mean_recall"], default=None)
     result = {"run": str(run), "steps": history[-1]["step"] if history else 0,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..errors import DataError
@@ -35,3 +35,8 @@ class ImageFolder:
             raise DataError(f"{root}: found {len(names)} class folder(s) with images; zero-shot needs at least two "
                             "subfolders such as cat/ and dog/ holding images")
         return cls(root, names, paths, labels)
+
+    def without(self, paths: set[Path]) -> ImageFolder:
+        """The same classes (so labels keep their meaning) without the images in `paths`."""
+        keep = [i for i, path in enumerate(self.paths) if path not in paths]
+        return replace(self, paths=[self.paths[i] for i in keep], labels=[self.labels[i] for i in keep])

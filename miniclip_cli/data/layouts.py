@@ -76,6 +76,7 @@ class CaptionSet:
     skipped: int  # malformed lines/records and empty captions
     skipped_examples: list[str]  # at most 3, e.g. "line 17: no tab between image and caption"
     has_splits: bool
+    empty_captions: int = 0  # how many of `skipped` were an image with an empty caption
 
 
 # ----------------------------------------------------------------------------------------------- parsing
@@ -99,6 +100,7 @@ class _Parsed:
         self.layout = layout
         self.groups: dict[str, _Group] = {}
         self.skipped = 0
+        self.empty_captions = 0
         self.examples: list[str] = []
         self.split_coco: str | None = None  # e.g. "train2017", a folder name worth trying as image root
 
@@ -113,6 +115,7 @@ class _Parsed:
             self.skip(where, "no image name")
             return
         if not caption:
+            self.empty_captions += 1
             self.skip(where, "empty caption")
             return
         # './a.jpg' and 'a.jpg' are one image.
@@ -560,6 +563,7 @@ def load_caption_set(path: str | Path, allow_outside: bool = False) -> CaptionSe
         skipped=parsed.skipped,
         skipped_examples=parsed.examples,
         has_splits=any(item.split for item in items),
+        empty_captions=parsed.empty_captions,
     )
 
 

@@ -3,6 +3,7 @@ ONNX runtime and the PyTorch model see identical pixels."""
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +33,11 @@ def load_rgb(path: Path) -> Image.Image:
         raise DataError(f"{path}: image not found; check the path") from None
     except IsADirectoryError:
         raise DataError(f"{path}: is a folder, not an image; give an image file") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+    except Image.DecompressionBombError:
+        limit = 2 * Image.MAX_IMAGE_PIXELS / 1e6
+        raise DataError(f"{path}: more than {limit:.0f} megapixels, which PIL refuses to open as a possible "
+                        "decompression bomb; downscale it") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, struct.error) as exc:
         raise DataError(f"{path}: cannot be read as an image ({exc}); re-save it as JPEG or PNG") from None
 
 

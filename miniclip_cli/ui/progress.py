@@ -13,7 +13,9 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from .console import err
+from .console import err, warn
+
+SHOWN_REPLACEMENTS = 5  # the rest are counted in each epoch's line and in history.jsonl
 
 
 def _progress() -> Progress:
@@ -60,10 +62,18 @@ class TrainProgress:
         if recall is not None:
             text += (f", val mean recall {recall:.2f} (i->t R@1 {record['val_image_to_text_R@1']:.1f}, "
                      f"t->i R@1 {record['val_text_to_image_R@1']:.1f})")
+        if record.get("replaced_samples"):
+            text += f", {record['replaced_samples']} unloadable sample(s) replaced"
         self.progress.console.print(text)
 
     def on_checkpoint(self, path: Path):
         pass
+
+    def on_replaced_sample(self, message: str, total: int):
+        if total <= SHOWN_REPLACEMENTS:
+            warn(f"{message}; another sample took its place")
+        elif total == SHOWN_REPLACEMENTS + 1:
+            warn("more training images failed to load; each epoch's line and history.jsonl count them")
 
 
 class CountProgress:
