@@ -22,6 +22,7 @@ from .common import (
     ZeroShot,
     open_dataset,
     print_json,
+    run_dataset,
     scan_folder,
     split_items,
 )
@@ -37,8 +38,8 @@ def _check_inputs(run: Path, data: str | None, zero_shot: Path | None, quiet: bo
         folder = scan_folder(zero_shot)
         step = max(1, len(folder.paths) // CHECK_IMAGES)
         return folder.paths[::step][:CHECK_IMAGES], [t.format(n) for n in folder.class_names for t in config.data.templates]
-    source = data if data is not None else config.data.path
     try:
+        source = data if data is not None else run_dataset(config)
         caption_set = open_dataset(source, allow_outside=config.data.allow_outside_paths, quiet=quiet)
         items = split_items(caption_set, "val" if caption_set.has_splits else "all")
     except DataError as exc:
@@ -158,7 +159,8 @@ def bench_command(
     if json_out:
         print_json({"run": str(run), "machine": machine, "rows": rows})
     else:
-        out.print(tables.bench_table(rows, machine))
+        for table in tables.bench_tables(rows, machine):
+            out.print(table)
         ok = [r for r in rows if "error" not in r]
         out.print(charts.value_bars([r["row"] for r in ok], [r["size_mb"] for r in ok], "file size (MB)"))
         out.print(charts.value_bars([r["row"] for r in ok], [r["demo_ms"]["median_ms"] for r in ok],

@@ -159,16 +159,21 @@ def _parse_token(text: str, parsed: _Parsed) -> None:
         parsed.add(image, caption, None, where)
 
 
-def _parse_kaggle(text: str, parsed: _Parsed) -> None:
-    header_seen = False
+def _records(text: str, is_header):
+    """("line N", line) for the non-blank lines, without the first one when is_header(it) says it is one."""
+    first = True
     for number, line in _lines(text):
         if not line.strip():
             continue
-        where = f"line {number}"
-        if not header_seen:
-            header_seen = True
-            if line.strip().lower().replace(" ", "").replace('"', "") == "image,caption":
+        if first:
+            first = False
+            if is_header(line.strip().lower().replace(" ", "").replace('"', "")):
                 continue
+        yield f"line {number}", line
+
+
+def _parse_kaggle(text: str, parsed: _Parsed) -> None:
+    for where, line in _records(text, lambda header: header == "image,caption"):
         if "," not in line:
             parsed.skip(where, "no comma between image and caption")
             continue
@@ -186,15 +191,7 @@ def _parse_kaggle(text: str, parsed: _Parsed) -> None:
 
 
 def _parse_pipe(text: str, parsed: _Parsed) -> None:
-    header_seen = False
-    for number, line in _lines(text):
-        if not line.strip():
-            continue
-        where = f"line {number}"
-        if not header_seen:
-            header_seen = True
-            if line.lower().replace(" ", "").startswith("image_name|"):
-                continue
+    for where, line in _records(text, lambda header: header.startswith("image_name|")):
         parts = line.split("|", 2)
         if len(parts) != 3:
             # The real results.csv has such a line: "2199200615.jpg| 4 A dog runs across the grass ."
