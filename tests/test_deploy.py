@@ -129,3 +129,13 @@ def test_bad_onnx_files_are_clear_errors(runner, exported_run, tmp_path, tiny_da
     shutil.rmtree(missing / "onnx")
     result = run_cli(runner, "classify", image, "-c", "a", "-c", "b", "--model", missing, "--backend", "onnx", code=4)
     assert "miniclip quantize" in result.output
+
+
+def test_training_without_pytorch_says_what_to_install(tmp_path):
+    # sys.modules[name] = None makes `import name` fail as if the package were not installed.
+    script = ("import sys\nsys.modules['torch'] = None\nfrom miniclip_cli.cli import app\n"
+              f"app(['train', '--out', {str(tmp_path / 'run')!r}])\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 6, result.stderr
+    assert "needs torch" in result.stderr and "pip install miniclip" in result.stderr
+    assert "Traceback" not in result.stderr
