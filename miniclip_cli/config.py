@@ -63,7 +63,8 @@ class ModelConfig:
 @dataclass
 class TrainConfig:
     epochs: int = 30
-    batch_size: int = 128
+    batch_size: int = 128  # per process and micro-batch; the loss sees processes x accum_steps x batch_size pairs
+    accum_steps: int = 1  # micro-batches per optimizer step, their features cached so all are negatives
     lr: float = 5e-4
     weight_decay: float = 0.2  # CLIP's value; applied to matrices only, never to norms, biases or embeddings
     warmup_fraction: float = 0.05  # of all steps, then cosine decay to zero
@@ -80,6 +81,8 @@ class TrainConfig:
             raise ConfigError(f"--epochs must be at least 1, got {self.epochs}")
         if self.batch_size < 2:
             raise ConfigError(f"--batch-size must be at least 2 (a contrastive batch needs negatives), got {self.batch_size}")
+        if self.accum_steps < 1:
+            raise ConfigError(f"--accum-steps must be at least 1, got {self.accum_steps}")
         if not self.lr > 0:
             raise ConfigError(f"--lr must be positive, got {self.lr}")
         if self.captions not in ("one", "all"):
@@ -97,8 +100,9 @@ class TrainConfig:
 class DataConfig:
     """Where the training data came from, so `eval` can default to the run's own test split."""
 
-    path: str | None = None  # None: the built-in shapes dataset
+    path: str | None = None  # None: the built-in shapes dataset; for layout "shards", the shards as given
     layout: str = ""
+    val_path: str | None = None  # validation dataset, when not the training dataset's own val split
     zero_shot: str | None = None  # an image folder to report zero-shot accuracy on by default
     templates: tuple[str, ...] = ("a photo of a {}.",)  # zero-shot prompts, averaged per class
     mean: tuple[float, float, float] = CLIP_MEAN

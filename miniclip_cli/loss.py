@@ -1,8 +1,10 @@
-"""The symmetric contrastive (InfoNCE) loss, as a pure function of features and the logit scale."""
+"""The symmetric contrastive (InfoNCE) loss, as a pure function of features and the logit scale, and the
+gathering of features across processes that lets it see the global batch."""
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 
@@ -15,3 +17,23 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
     logits = logit_scale * image_features.float() @ text_features.float().T  # b b
     targets = torch.arange(logits.shape[0], device=logits.device)
     return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+
+
+def gather_features(image_features: torch.Tensor, text_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every process's features, in rank order: (world b) d each, so a loss over them sees the global batch.
+
+    all_gather carries no gradient, so this process's own slice is put back from the local tensors, which do
+    (open_clip's gather without grad): each process back-propagates through its own samples only, and the sum
+    over processes of those partial gradients is the gradient of the global loss. Outside a process group, or
+    in a group of one, the features come back unchanged. Every process must pass the same b.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return image_features, text_features
+    world, rank = dist.get_world_size(), dist.get_rank()
+    gathered = []
+    for local in (image_features.float(), text_features.float()):  # fp32: the loss is computed in fp32 anyway
+        parts = [torch.empty_like(local) for _ in range(world)]
+        dist.all_gather(parts, local.detach().contiguous())
+        parts[rank] = local
+        gathered.append(torch.cat(parts))  # world x (b d) -> (world b) d
+    return gathered[0], gathered[1]

@@ -70,6 +70,11 @@ class Tokenizer:
         """What save writes: the whole tokenizer (vocabulary, merges, normaliser, specials) as JSON."""
         return self.hf.to_str(pretty=True)
 
+    @classmethod
+    def from_json(cls, text: str) -> Tokenizer:
+        """The tokenizer to_json wrote (sent from another process, say)."""
+        return cls(HFTokenizer.from_str(text))
+
     def save(self, path: Path) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         self.hf.save(str(path))

@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
-from . import checkpoint
+from . import checkpoint, distributed
 from .config import RunConfig
-from .data.images import PairDataset
+from .data.images import PairDataset, ShardDataset
 from .data.layouts import ImageCaptions
+from .data.shards import ShardSet
 from .device import autocast_dtype
+from .errors import ConfigError
 from .evaluate import evaluate_retrieval
-from .loss import clip_loss
+from .loss import clip_loss, gather_features
 from .model import MiniCLIP
 from .runtime import TorchEncoder
 from .tokenizer import Tokenizer
@@ -44,7 +49,7 @@ class TrainingInterrupted(Exception):
 @dataclass
 class Collate:
     """Stacks images and tokenises a batch's captions, padded to the batch's longest caption; passes on the
-    messages of the samples PairDataset had to replace."""
+    messages of the samples PairDataset had to replace or ShardDataset had to skip."""
 
     tokenizer: Tokenizer
     context_length: int
@@ -56,12 +61,20 @@ class Collate:
 
 
 class EpochSampler(torch.utils.data.Sampler):
-    """A permutation fixed by (seed, epoch), started `skip` samples in: a resumed run sees exactly the
-    batches the interrupted one would have."""
+    """This process's share of a permutation fixed by (seed, epoch), from position `skip` on: a resumed run
+    sees exactly the batches the interrupted one would have.
 
-    def __init__(self, size: int, seed: int, epoch: int, skip: int = 0):
+    The first `length` positions are cut into runs of `batch_size` and run c goes to rank c mod world_size, so
+    rank r's k-th batch is run k * world_size + r. One optimizer step of W processes x K micro-batches of b
+    then covers positions [step W K b, (step + 1) W K b): the samples one process at batch W K b would take.
+    `length` (whole global batches) leaves every rank as many batches; `skip` is a multiple of W b.
+    """
+
+    def __init__(self, size: int, seed: int, epoch: int, skip: int = 0, batch_size: int = 1, rank: int = 0,
+                 world_size: int = 1, length: int | None = None):
         generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        self.order = torch.randperm(size, generator=generator)[skip:].tolist()
+        order = torch.randperm(size, generator=generator)[:length][skip:].tolist()
+        self.order = [index for position, index in enumerate(order) if position // batch_size % world_size == rank]
 
     def __iter__(self):
         return iter(self.order)
@@ -95,81 +108,193 @@ def pick_workers(config: RunConfig, device: torch.device) -> int:
     return 1 if device.type == "cpu" else 4
 
 
-def fit(config: RunConfig, tokenizer: Tokenizer, train_items: list[ImageCaptions], val_items: list[ImageCaptions],
-        run: Path, device: torch.device, resume: bool = False, save_every: int | None = None,
-        callbacks: Callbacks | None = None) -> list[dict]:
-    callbacks = callbacks or Callbacks()
+def scale_gradient(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """x in the forward pass; `factor` times the incoming gradient in the backward pass. Exact: the added
+    term is zero in value."""
+    return x + (x - x.detach()) * (factor - 1)
+
+
+def global_batch_backward(net: torch.nn.Module, model: MiniCLIP, micro_batches: list[tuple], world_size: int,
+                          autocast) -> float:
+    """Forward and backward for one optimizer step over this process's K micro-batches, with every micro-batch
+    of every process as negatives; leaves the gradients of one loss over the global batch (W processes x K x b
+    pairs) in the parameters' .grad and returns that loss. `net` is `model` or its DistributedDataParallel.
+
+    K = 1: one forward with gradients. K > 1 (open_clip's accum-freq): a pass without gradients caches every
+    micro-batch's features; then each micro-batch is encoded again with gradients, put in place of its cached
+    copy, and the loss over the whole set is back-propagated. Memory is that of one micro-batch plus the K b x d
+    cached features; compute is about 4/3 of plain accumulation (one more forward per micro-batch).
+
+    Why the gradients are exactly those of one process at batch W K b:
+      features: each backward reaches the encoders only through the one micro-batch encoded with gradients,
+        so summing the K backward passes and the W processes gives the full gradient. DDP averages over the
+        processes instead of summing, so each process scales its features' gradient by W first.
+      logit scale: it enters each loss directly and gets its full gradient from every backward, so only the
+        last micro-batch keeps its gradient (the last, because DDP synchronises there and needs a gradient
+        for every parameter); DDP's average of W equal gradients is that gradient.
+    """
+    k = len(micro_batches)
+    cached: list[tuple[torch.Tensor, torch.Tensor]] = []
+    if k > 1:
+        with torch.no_grad(), autocast():
+            for images, ids, lengths in micro_batches:
+                image_features, text_features, _ = model(images, ids, lengths)
+                cached.append((image_features.float(), text_features.float()))
+    for j, (images, ids, lengths) in enumerate(micro_batches):
+        last = j == k - 1
+        # DDP all-reduces gradients in every backward unless told not to; once, at the last, is enough.
+        sync = contextlib.nullcontext() if last or not isinstance(net, DistributedDataParallel) else net.no_sync()
+        with sync:
+            with autocast():
+                image_features, text_features, scale = net(images, ids, lengths)
+            if not last:
+                scale = scale.detach()
+            image_features = scale_gradient(image_features.float(), world_size)
+            text_features = scale_gradient(text_features.float(), world_size)
+            all_images, all_texts = [c[0] for c in cached] or [None], [c[1] for c in cached] or [None]
+            all_images[j], all_texts[j] = image_features, text_features
+            # (K b) d each, then (W K b) d. The loss runs in fp32 outside autocast: the logits are cheap, and
+            # bf16 would round them.
+            loss = clip_loss(*gather_features(torch.cat(all_images), torch.cat(all_texts)), scale)
+            loss.backward()
+    return loss.item()
+
+
+def check_world_size(counters: dict, world_size: int, run: Path) -> None:
+    """A run resumes with the processes it was trained by: the data each rank sees depends on their number."""
+    trained = int(counters.get("world_size", 1))
+    if trained != world_size:
+        raise ConfigError(f"{run}: was trained by {trained} process(es), this is {world_size}; resume it with "
+                          f"{trained} (torchrun --nnodes x --nproc_per_node = {trained}, or miniclip train --nproc "
+                          f"{trained}), or start a new run")
+
+
+class _TrainingData:
+    """This process's micro-batches, epoch by epoch, from a list of images (PairDataset and EpochSampler) or
+    from shards (ShardDataset)."""
+
+    def __init__(self, config: RunConfig, train: list[ImageCaptions] | ShardSet, world: distributed.World,
+                 collate: Collate, workers: int, device: torch.device):
+        tc = config.train
+        common = (config.model.image_size, config.data.mean, config.data.std, tc.crop_scale, tc.captions, tc.seed)
+        self.streamed = isinstance(train, ShardSet)
+        if self.streamed:
+            self.dataset = ShardDataset(train, *common, rank=world.rank, world_size=world.world_size,
+                                        batch_size=tc.batch_size)
+        else:
+            self.dataset = PairDataset(train, *common)
+        self.world, self.collate, self.workers, self.device = world, collate, workers, device
+        self.batch_size, self.accum_steps = tc.batch_size, tc.accum_steps
+        self.global_batch = world.world_size * tc.accum_steps * tc.batch_size
+        size = len(self.dataset)
+        if size >= self.global_batch:
+            self.steps_per_epoch, self.length = size // self.global_batch, size // self.global_batch * self.global_batch
+        elif world.world_size == 1 and tc.accum_steps == 1 and not self.streamed:
+            self.steps_per_epoch, self.length = 1, None  # one short batch: a tiny dataset still trains
+        else:
+            raise ConfigError(f"{size} training pairs are fewer than one global batch of {self.global_batch} "
+                              f"({world.world_size} process(es) x {tc.accum_steps} accumulation step(s) x batch size "
+                              f"{tc.batch_size}); lower --batch-size or --accum-steps")
+
+    def batches(self, epoch: int, done_steps: int) -> Iterator:
+        """This process's micro-batches of `epoch`, from optimizer step `done_steps` of it on."""
+        if self.streamed:
+            self.dataset.set_epoch(epoch, skip_batches=done_steps * self.accum_steps)
+            sampler = None
+        else:
+            self.dataset.set_epoch(epoch)
+            sampler = EpochSampler(len(self.dataset), self.dataset.seed, epoch, done_steps * self.global_batch,
+                                   self.batch_size, self.world.rank, self.world.world_size, self.length)
+        return iter(torch.utils.data.DataLoader(
+            self.dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.workers,
+            collate_fn=self.collate, pin_memory=self.device.type == "cuda", persistent_workers=False))
+
+
+def fit(config: RunConfig, tokenizer: Tokenizer, train_items: list[ImageCaptions] | ShardSet,
+        val_items: list[ImageCaptions], run: Path, device: torch.device, resume: bool = False,
+        save_every: int | None = None, callbacks: Callbacks | None = None) -> list[dict]:
+    """Train and save to `run`; returns the per-epoch history. `train_items` is a list of images or a ShardSet.
+
+    In a process group (torchrun, see distributed.py) every process calls this with the same arguments: each
+    trains on its share of the data with the loss over the global batch, and only rank 0 validates, writes
+    the run folder and reports through `callbacks` (the others' callbacks are not called)."""
+    world = distributed.current()
+    callbacks = (callbacks or Callbacks()) if world.is_main else Callbacks()
     tc = config.train
     torch.manual_seed(tc.seed)
     model = MiniCLIP(config.model).to(device)
     optimizer = torch.optim.AdamW(parameter_groups(model, tc.weight_decay), lr=tc.lr, betas=(0.9, 0.98), eps=1e-6)
-    dataset = PairDataset(train_items, config.model.image_size, config.data.mean, config.data.std,
-                          tc.crop_scale, tc.captions, tc.seed)
-    drop_last = len(dataset) >= tc.batch_size
-    steps_per_epoch = len(dataset) // tc.batch_size if drop_last else 1
+    workers = pick_workers(config, device)
+    data = _TrainingData(config, train_items, world, Collate(tokenizer, config.model.context_length), workers, device)
+    steps_per_epoch = data.steps_per_epoch
     total_steps = tc.epochs * steps_per_epoch
     warmup = max(1, int(tc.warmup_fraction * total_steps))
     val_items = val_items[: tc.val_images]
-    workers = pick_workers(config, device)
     amp_dtype = autocast_dtype(device, tc.precision)
-    collate = Collate(tokenizer, config.model.context_length)
+
+    def autocast():
+        return torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
 
     step, history, best = 0, [], -1.0
     losses: list[float] = []  # this epoch's, so far; saved with the resume file so its mean survives a restart
     replaced = 0
     if resume:
         counters = checkpoint.load_resume(run, model, optimizer)
+        check_world_size(counters, world.world_size, run)
         step, best = counters["step"], counters["best_mean_recall"]
         if step % steps_per_epoch:  # stopped mid-epoch (files from before this was saved have none)
             losses = counters.get("epoch_losses", [])
         # History is written before the resume file, so it may hold a record past the resumable step.
         history = [r for r in checkpoint.read_history(run) if r["step"] <= step]
         model.to(device)
-    else:
+    elif world.is_main:
         checkpoint.save_run_files(run, config, tokenizer)
     stop_at = min(total_steps, tc.max_steps) if tc.max_steps else total_steps
+    net = model
+    if world.world_size > 1:
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     def save_resume():
-        checkpoint.save_resume(run, model, optimizer, {"step": step, "best_mean_recall": best,
-                                                       "epoch_losses": losses if step % steps_per_epoch else []})
+        if world.is_main:
+            checkpoint.save_resume(run, model, optimizer, {
+                "step": step, "best_mean_recall": best, "epoch_losses": losses if step % steps_per_epoch else [],
+                "world_size": world.world_size})
 
     try:
         callbacks.on_start(total_steps, step, steps_per_epoch,
-                           {"train_pairs": len(dataset), "val_images": len(val_items), "workers": workers,
-                            "precision": str(amp_dtype or torch.float32).replace("torch.", ""), "device": str(device)})
+                           {"train_pairs": len(data.dataset), "val_images": len(val_items), "workers": workers,
+                            "precision": str(amp_dtype or torch.float32).replace("torch.", ""), "device": str(device),
+                            "processes": world.world_size, "accum_steps": tc.accum_steps,
+                            "batch_size": tc.batch_size, "global_batch": data.global_batch})
         while step < stop_at:
-            epoch, skip = divmod(step, steps_per_epoch)
-            dataset.set_epoch(epoch)
-            loader = torch.utils.data.DataLoader(
-                dataset, batch_size=tc.batch_size, sampler=EpochSampler(len(dataset), tc.seed, epoch, skip * tc.batch_size),
-                num_workers=workers, collate_fn=collate, drop_last=drop_last, pin_memory=device.type == "cuda",
-                persistent_workers=False)
+            epoch, done = divmod(step, steps_per_epoch)
+            batches = data.batches(epoch, done)
             model.train()
             tick, replaced_this_epoch = time.perf_counter(), 0
-            for images, ids, lengths, failures in loader:
-                for message in failures:
-                    replaced += 1
-                    replaced_this_epoch += 1
-                    callbacks.on_replaced_sample(message, replaced)
+            for _ in range(done, steps_per_epoch):
+                micro_batches = []
+                for images, ids, lengths, failures in [next(batches) for _ in range(tc.accum_steps)]:
+                    for message in failures:
+                        replaced += 1
+                        replaced_this_epoch += 1
+                        callbacks.on_replaced_sample(message, replaced)
+                    micro_batches.append(tuple(t.to(device, non_blocking=True) for t in (images, ids, lengths)))
                 for group in optimizer.param_groups:
                     group["lr"] = learning_rate(step, total_steps, tc.lr, warmup)
-                images, ids, lengths = (t.to(device, non_blocking=True) for t in (images, ids, lengths))
-                with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                    image_features, text_features, scale = model(images, ids, lengths)
-                    loss = clip_loss(image_features, text_features, scale)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                losses.append(global_batch_backward(net, model, micro_batches, world.world_size, autocast))
                 optimizer.step()
                 step += 1
-                losses.append(loss.item())
                 now = time.perf_counter()
-                callbacks.on_step(step, epoch, losses[-1], len(images) / max(now - tick, 1e-9),
+                pairs = world.world_size * sum(len(b[0]) for b in micro_batches)
+                callbacks.on_step(step, epoch, losses[-1], pairs / max(now - tick, 1e-9),
                                   optimizer.param_groups[0]["lr"])
                 tick = now
                 if save_every and step % save_every == 0:
                     save_resume()
                 if step >= stop_at:
                     break
+            del batches  # stops this epoch's loader processes (a shard stream never ends by itself)
             finished_epoch = step % steps_per_epoch == 0
             record = {"epoch": epoch + 1 if finished_epoch else round(epoch + (step % steps_per_epoch) / steps_per_epoch, 3),
                       "step": step, "train_loss": sum(losses) / max(len(losses), 1),
@@ -177,22 +302,26 @@ def fit(config: RunConfig, tokenizer: Tokenizer, train_items: list[ImageCaptions
             losses = []
             if replaced_this_epoch:
                 record["replaced_samples"] = replaced_this_epoch
-            if val_items:
-                callbacks.on_validate(epoch + 1)
-                model.eval()
-                encoder = TorchEncoder(model, tokenizer, config.data.mean, config.data.std, device, tc.precision)
-                metrics = evaluate_retrieval(encoder, val_items)
-                record.update({f"val_{k}": v for k, v in metrics.items() if k not in ("images", "captions")})
-            history.append(record)
-            checkpoint.save_weights(run / checkpoint.LAST, model)
-            score = record.get("val_mean_recall", 0.0)
-            if score > best or not val_items:
-                best = score
-                checkpoint.save_weights(run / checkpoint.BEST, model)
-                callbacks.on_checkpoint(run / checkpoint.BEST)
-            checkpoint.write_history(run, history)
-            save_resume()
-            callbacks.on_epoch_end(record)
+            if world.is_main:
+                if val_items:
+                    callbacks.on_validate(epoch + 1)
+                    model.eval()
+                    encoder = TorchEncoder(model, tokenizer, config.data.mean, config.data.std, device, tc.precision)
+                    metrics = evaluate_retrieval(encoder, val_items)
+                    record.update({f"val_{k}": v for k, v in metrics.items() if k not in ("images", "captions")})
+                history.append(record)
+                checkpoint.save_weights(run / checkpoint.LAST, model)
+                score = record.get("val_mean_recall", 0.0)
+                if score > best or not val_items:
+                    best = score
+                    checkpoint.save_weights(run / checkpoint.BEST, model)
+                    callbacks.on_checkpoint(run / checkpoint.BEST)
+                checkpoint.write_history(run, history)
+                save_resume()
+                callbacks.on_epoch_end(record)
+            else:
+                history.append(record)
+            distributed.barrier()  # the others wait while rank 0 validates and saves
     except KeyboardInterrupt:
         save_resume()
         raise TrainingInterrupted(run, step) from None

@@ -8,7 +8,7 @@ import os
 import typer
 
 from ..errors import MiniclipError
-from ..ui.console import err
+from ..ui.console import err, error
 
 app = typer.Typer(
     name="miniclip",
@@ -37,21 +37,21 @@ def command(name: str):
         def run(*args, **kwargs):
             try:
                 return function(*args, **kwargs)
-            except MiniclipError as error:
+            except MiniclipError as problem:
                 if _debug["on"]:
                     raise
-                err.print(f"[bold red]error:[/] {error}", soft_wrap=True)
-                raise typer.Exit(error.exit_code) from None
+                error(str(problem))
+                raise typer.Exit(problem.exit_code) from None
             except KeyboardInterrupt:
                 if _debug["on"]:
                     raise
                 err.print(f"[yellow]interrupted[/]: `miniclip {name}` stopped before it finished")
                 raise typer.Exit(130) from None
-            except ModuleNotFoundError as error:
-                if _debug["on"] or error.name not in TRAINING_PACKAGES:
+            except ModuleNotFoundError as missing:
+                if _debug["on"] or missing.name not in TRAINING_PACKAGES:
                     raise
-                err.print(f"[bold red]error:[/] `miniclip {name}` needs {error.name}, which this PyTorch-free install "
-                          f"lacks; `pip install miniclip` installs it (`--backend onnx` runs without it)", soft_wrap=True)
+                error(f"`miniclip {name}` needs {missing.name}, which this PyTorch-free install lacks; "
+                      "`pip install miniclip` installs it (`--backend onnx` runs without it)")
                 raise typer.Exit(6) from None
 
         app.command(name)(run)
@@ -65,4 +65,4 @@ def main() -> None:
 
 
 # Imported last: each module registers its commands on `app` through `command`.
-from . import classify, deploy, evaluate, train  # noqa: E402, F401
+from . import classify, deploy, evaluate, shard, train  # noqa: E402, F401

@@ -18,6 +18,7 @@ from ..data.layouts import (
     load_caption_set,
     select_split,
 )
+from ..data.shards import is_shard_spec
 from ..errors import DataError
 from ..ui.console import info, warn
 
@@ -80,7 +81,20 @@ def dataset_name(path: str | None) -> str:
     if path is None:
         return BUILTIN_NAME
     p = Path(path).expanduser().resolve()
+    if is_shard_spec(path) and not p.is_dir():  # 'shards/{000000..000005}.tar' -> shards
+        return p.parent.name or "run"
     return (p.parent.name if p.is_file() else p.name) or "run"
+
+
+def run_dataset(config) -> str | None:
+    """The dataset a run's own evaluation reads when none is given: its training dataset (None: the built-in
+    one), or for a run trained on shards, which hold training images only, its --val-data dataset."""
+    if config.data.layout != "shards":
+        return config.data.path
+    if config.data.val_path is None:
+        raise DataError(f"this run trained on shards ({config.data.path}) without --val-data, so it has no "
+                        "dataset of its own to evaluate on; pass --data DATASET")
+    return config.data.val_path
 
 
 

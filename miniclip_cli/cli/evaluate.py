@@ -29,6 +29,7 @@ from .common import (
     ZeroShot,
     open_dataset,
     print_json,
+    run_dataset,
     scan_folder,
     split_items,
 )
@@ -79,7 +80,7 @@ def eval_command(
     encoder = open_encoder(run, backend, which, device, precision)
     config = load_run_config(run)
     if data is None and zero_shot is None:
-        data_path, zero_shot_path = config.data.path, config.data.zero_shot
+        data_path, zero_shot_path = run_dataset(config), config.data.zero_shot
         if data_path is None and zero_shot_path is None:
             zero_shot_path = shapes.generate(shapes.default_root()) / "zero_shot"
         do_retrieval = True

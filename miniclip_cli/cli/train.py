@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -15,11 +18,12 @@ from ..config import (
     load_run_config,
     tiny_model_config,
 )
+from ..data.shards import is_shard_spec, open_shards, shard_captions
 from ..errors import ConfigError, DataError, SaveError
 from ..run_files import CONFIG, RESUME
 from ..tokenizer import Tokenizer, train_tokenizer
 from ..ui import charts
-from ..ui.console import err, info, out, warn
+from ..ui.console import err, info, only_rank_zero_speaks, out, warn
 from ..ui.progress import TrainProgress
 from . import command
 from .common import (
@@ -34,7 +38,8 @@ from .common import (
 )
 
 PRESETS = {"default": ModelConfig, "tiny": tiny_model_config}
-DATA_HELP = "Caption file or dataset folder (see README 'Data layouts'). Omit for the built-in shapes dataset."
+DATA_HELP = ("Caption file or dataset folder (see README 'Data layouts'), or shards from `miniclip shard` (a folder, or "
+             "a pattern such as 'shards/{000000..000005}.tar'). Omit for the built-in shapes dataset.")
 
 
 def _new_run_folder(name: str) -> Path:
@@ -104,6 +109,29 @@ def train_tokenizer_command(
               f"({report['truncated']} longer than {context_length})")
 
 
+def _absolute(path: str) -> str:
+    """An absolute form of --data / --val-data for config.json; a shard pattern keeps its braces."""
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def _open_training_data(data: str | None, seed: int, allow_outside: bool, quiet: bool):
+    """(training items or ShardSet, val items, captions, layout) for --data: a dataset or shards."""
+    if is_shard_spec(data):
+        shard_set = open_shards(data)
+        if not quiet:
+            info(f"data: {len(shard_set.shards)} shard(s), {shard_set.size('one')} images, "
+                 f"{shard_set.size('all')} captions ({data})")
+        return shard_set, [], list(shard_captions(shard_set)), "shards"
+    caption_set = open_dataset(data, allow_outside=allow_outside, quiet=quiet)
+    train_items = split_items(caption_set, "train", seed)
+    try:
+        val_items = split_items(caption_set, "val", seed)
+    except DataError as exc:
+        warn(f"no validation images ({exc}); the last model is kept as the best")
+        val_items = []
+    return train_items, val_items, [c for item in train_items for c in item.captions], caption_set.layout
+
+
 @command("train")
 def train_command(
     data: Optional[str] = typer.Option(None, "--data", help=DATA_HELP),
@@ -111,7 +139,8 @@ def train_command(
     tokenizer_path: Optional[Path] = typer.Option(None, "--tokenizer", help="A tokenizer.json to use; default: train one on the training captions."),
     vocab_size: int = typer.Option(10_000, "--vocab-size", help="Vocabulary size when training the tokenizer."),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Passes over the training images. Default: 30, or 10 on the built-in data."),
-    batch_size: int = typer.Option(128, "--batch-size", help="Pairs per step; every other pair in the batch is a negative."),
+    batch_size: int = typer.Option(128, "--batch-size", help="Pairs per micro-batch and process; the loss sees processes x accum-steps x this many, all negatives of each other."),
+    accum_steps: int = typer.Option(1, "--accum-steps", help="Micro-batches per optimizer step: a contrastive batch accum-steps times larger, in the memory of one."),
     lr: float = typer.Option(5e-4, "--lr", help="Peak learning rate (AdamW, warm-up then cosine decay)."),
     weight_decay: float = typer.Option(0.2, "--weight-decay", help="AdamW weight decay on weight matrices."),
     captions: str = typer.Option("one", "--captions", help="'one': one caption per image per epoch, drawn anew; 'all': every caption."),
@@ -121,8 +150,10 @@ def train_command(
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many steps in all (resumable)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out (or the latest run of this dataset) where it stopped."),
     save_every: Optional[int] = typer.Option(None, "--save-every", help="Also write a resumable checkpoint every N steps."),
-    workers: int = typer.Option(-1, "--workers", help="Data loader processes; -1 picks by device."),
+    workers: int = typer.Option(-1, "--workers", help="Data loader processes (per training process); -1 picks by device."),
     preset: str = typer.Option("default", "--preset", help="Model size: default (9 M parameters) or tiny (for smoke tests)."),
+    val_data: Optional[str] = typer.Option(None, "--val-data", help="Validate on this dataset's val split (for shards: the split `miniclip shard` left out)."),
+    nproc: Optional[int] = typer.Option(None, "--nproc", help="Train as N processes on this machine (one per GPU): starts torchrun for you."),
     zero_shot: ZeroShot = None,
     allow_outside_paths: AllowOutside = False,
     json_out: JsonFlag = False,
@@ -132,6 +163,10 @@ def train_command(
     Keeps best.safetensors (best validation mean recall), last.safetensors, config.json, tokenizer.json and
     history.jsonl in the run folder. Ctrl-C saves a checkpoint that --resume continues from.
 
+    --data takes a dataset, or shards from `miniclip shard`: a folder of them or a brace pattern. Under
+    torchrun (or with --nproc) each process trains on its share of the data and the loss uses the features
+    of all of them; only rank 0 prints and saves. See README 'Distributed training'.
+
     Examples:
 
         miniclip train                                   # the built-in shapes dataset, a few minutes on a CPU
@@ -139,86 +174,112 @@ def train_command(
         miniclip train --data ~/datasets/flickr30k --out artifacts/runs/f30k
 
         miniclip train --out artifacts/runs/f30k --resume
+
+        torchrun --nproc_per_node=4 -m miniclip_cli train --data ~/datasets/flickr30k --out artifacts/runs/f30k-4gpu
+
+        miniclip train --data 'shards/{000000..000005}.tar' --val-data ~/datasets/flickr30k --nproc 2
     """
+    from .. import distributed
     from ..checkpoint import load_run_tokenizer, read_resume_metadata, save_config
-    from ..device import pick_device
-    from ..train import TrainingInterrupted, fit
+    from ..train import TrainingInterrupted, check_world_size, fit
 
-    if resume:
-        run = out_dir or _latest_run_folder(dataset_name(data))
-        config = load_run_config(run)
-        tokenizer = load_run_tokenizer(run, config)
-        read_resume_metadata(run)  # a bad resume file fails now, not after the dataset is read
-        if epochs is not None and epochs != config.train.epochs:
-            config.train.epochs = epochs
-            config.validate()
-            save_config(run, config)
-        config.train.max_steps = max_steps
-        data = config.data.path
-        info(f"resuming {run}")
-    else:
-        if preset not in PRESETS:
-            raise ConfigError(f"--preset {preset!r} is not known; use one of: {', '.join(PRESETS)}")
-        run = out_dir or _new_run_folder(dataset_name(data))
-        if (run / CONFIG).exists():
-            raise ConfigError(f"{run} already holds a run; pass --resume to continue it or choose another --out")
-        builtin = data is None
-        train_config = TrainConfig(
-            epochs=epochs or (10 if builtin else 30), batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-            captions=captions, seed=seed, precision=precision, max_steps=max_steps, workers=workers,
-            # Shapes sit anywhere on the canvas: a deep crop would cut away what the caption names.
-            crop_scale=(0.8, 1.0) if builtin else (0.5, 1.0))
-        train_config.validate()
-    _check_writable(run)
-    torch_device = pick_device(device)
-
-    caption_set = open_dataset(data, allow_outside=resume and config.data.allow_outside_paths or allow_outside_paths,
-                               quiet=json_out)
-    seed_for_split = config.train.seed if resume else seed
-    train_items = split_items(caption_set, "train", seed_for_split)
+    if nproc is not None and nproc != 1:
+        if distributed.launched_by_torchrun():
+            raise ConfigError("--nproc starts torchrun itself; under torchrun, leave it out")
+        if nproc < 1:
+            raise ConfigError(f"--nproc must be at least 1, got {nproc}")
+        raise typer.Exit(distributed.launch(sys.argv[1:], nproc))
+    world, torch_device = distributed.setup(device)
+    only_rank_zero_speaks(world.rank)
     try:
-        val_items = split_items(caption_set, "val", seed_for_split)
-    except DataError as exc:
-        warn(f"no validation images ({exc}); the last model is kept as the best")
-        val_items = []
-
-    if not resume:
-        if tokenizer_path is not None:
-            tokenizer = Tokenizer.load(tokenizer_path)
+        if resume:
+            run = out_dir or _latest_run_folder(dataset_name(data))
+            config = load_run_config(run)
+            tokenizer = load_run_tokenizer(run, config)
+            counters, _ = read_resume_metadata(run)  # a bad resume file fails now, not after the dataset is read
+            check_world_size(counters, world.world_size, run)
+            if epochs is not None and epochs != config.train.epochs:
+                config.train.epochs = epochs
+                config.validate()
+                if world.is_main:
+                    save_config(run, config)
+            config.train.max_steps = max_steps
+            data, val_data = config.data.path, config.data.val_path
+            info(f"resuming {run}")
         else:
-            tokenizer = train_tokenizer((c for item in train_items for c in item.captions), vocab_size)
-        model_config = PRESETS[preset]()
-        model_config.vocab_size = tokenizer.vocab_size
-        data_config = DataConfig(path=None if data is None else str(Path(data).expanduser().resolve()),
-                                 layout=caption_set.layout, allow_outside_paths=allow_outside_paths)
-        if data is None:  # `eval` finds the built-in zero-shot folder itself, wherever it is run from
-            data_config.templates = ("a photo of a {}", "a {}")  # the captions' own style: no full stop
-        if zero_shot is not None:
-            data_config.zero_shot = str(zero_shot.expanduser().resolve())
-        config = RunConfig(model=model_config, train=train_config, data=data_config)
-        config.validate()
+            if preset not in PRESETS:
+                raise ConfigError(f"--preset {preset!r} is not known; use one of: {', '.join(PRESETS)}")
+            # rank 0 names the folder: the others would see its config.json and pick the next free name.
+            run = Path(distributed.broadcast_object(str(out_dir or _new_run_folder(dataset_name(data)))))
+            if (run / CONFIG).exists():
+                raise ConfigError(f"{run} already holds a run; pass --resume to continue it or choose another --out")
+            builtin = data is None
+            train_config = TrainConfig(
+                epochs=epochs or (10 if builtin else 30), batch_size=batch_size, accum_steps=accum_steps, lr=lr,
+                weight_decay=weight_decay, captions=captions, seed=seed, precision=precision, max_steps=max_steps,
+                workers=workers,
+                # Shapes sit anywhere on the canvas: a deep crop would cut away what the caption names.
+                crop_scale=(0.8, 1.0) if builtin else (0.5, 1.0))
+            train_config.validate()
+        if world.is_main:
+            _check_writable(run)
 
-    context = config.model.context_length
-    report = _tokenizer_report(tokenizer, [c for item in train_items for c in item.captions], context)
-    if not json_out:
-        info(f"tokenizer: {report['vocab_size']} tokens; training captions average {report['mean_tokens']:.1f} "
-             f"tokens, max {report['max_tokens']}")
-    if report["truncated"]:
-        warn(f"{report['truncated']} of {report['captions']} training captions are longer than the model's "
-             f"{context}-token context and are cut to it (keeping their <end> token)")
+        seed_for_split = config.train.seed if resume else seed
+        allow_outside = resume and config.data.allow_outside_paths or allow_outside_paths
+        train_data, val_items, train_captions, layout = _open_training_data(data, seed_for_split, allow_outside,
+                                                                            json_out)
+        if val_data is not None:
+            val_items = split_items(open_dataset(val_data, allow_outside=allow_outside, quiet=json_out), "val",
+                                    seed_for_split)
+        elif layout == "shards":
+            warn("no validation images (shards hold training data only; pass --val-data DATASET); "
+                 "the last model is kept as the best")
 
-    try:
-        with TrainProgress() as progress:
-            history = fit(config, tokenizer, train_items, val_items, run, torch_device, resume=resume,
-                          save_every=save_every, callbacks=progress)
-    except TrainingInterrupted as stop:
-        err.print(f"[yellow]interrupted[/] at step {stop.step}; checkpoint saved. "
-                  f"Resume with: miniclip train --out {run} --resume", soft_wrap=True)
-        raise typer.Exit(130) from None
-    except SaveError as exc:
-        if (run / RESUME).is_file():
-            raise SaveError(f"{exc}, then continue with: miniclip train --out {run} --resume") from None
-        raise
+        if not resume:
+            if world.is_main:
+                if tokenizer_path is not None:
+                    tokenizer = Tokenizer.load(tokenizer_path)
+                else:
+                    tokenizer = train_tokenizer(train_captions, vocab_size)
+            if world.world_size > 1:  # one tokenizer for all: each training its own could number tokens differently
+                tokenizer = Tokenizer.from_json(distributed.broadcast_object(tokenizer.to_json() if world.is_main else None))
+            model_config = PRESETS[preset]()
+            model_config.vocab_size = tokenizer.vocab_size
+            data_path = None if data is None else _absolute(data)
+            data_config = DataConfig(path=data_path, layout=layout, allow_outside_paths=allow_outside_paths,
+                                     val_path=None if val_data is None else _absolute(val_data))
+            if data is None:  # `eval` finds the built-in zero-shot folder itself, wherever it is run from
+                data_config.templates = ("a photo of a {}", "a {}")  # the captions' own style: no full stop
+            if zero_shot is not None:
+                data_config.zero_shot = str(zero_shot.expanduser().resolve())
+            config = RunConfig(model=model_config, train=train_config, data=data_config)
+            config.validate()
+
+        context = config.model.context_length
+        report = _tokenizer_report(tokenizer, train_captions, context)
+        if not json_out:
+            info(f"tokenizer: {report['vocab_size']} tokens; training captions average {report['mean_tokens']:.1f} "
+                 f"tokens, max {report['max_tokens']}")
+        if report["truncated"]:
+            warn(f"{report['truncated']} of {report['captions']} training captions are longer than the model's "
+                 f"{context}-token context and are cut to it (keeping their <end> token)")
+
+        try:
+            with TrainProgress() if world.is_main else contextlib.nullcontext() as progress:
+                history = fit(config, tokenizer, train_data, val_items, run, torch_device, resume=resume,
+                              save_every=save_every, callbacks=progress)
+        except TrainingInterrupted as stop:
+            err.print(f"[yellow]interrupted[/] at step {stop.step}; checkpoint saved. "
+                      f"Resume with: miniclip train --out {run} --resume", soft_wrap=True)
+            raise typer.Exit(130) from None
+        except SaveError as exc:
+            if (run / RESUME).is_file():
+                raise SaveError(f"{exc}, then continue with: miniclip train --out {run} --resume") from None
+            raise
+    finally:
+        distributed.teardown()
+    if not world.is_main:
+        return
 
     best = max((r for r in history if "val_mean_recall" in r), key=lambda r: r["val_mean_recall"], default=None)
     result = {"run": str(run), "steps": history[-1]["step"] if history else 0,

@@ -1,10 +1,14 @@
-"""The training side of the data: random resized crops and the torch dataset of image-caption pairs."""
+"""The training side of the data: random resized crops and the torch datasets of image-caption pairs, from
+image files (PairDataset) or streamed from tar shards (ShardDataset)."""
 
 from __future__ import annotations
 
+import io
+import itertools
 import math
 import random
 import zlib
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -13,9 +17,14 @@ from PIL import Image
 from ..errors import DataError
 from .layouts import ImageCaptions
 from .pixels import load_rgb, normalise, resize_centre_crop
+from .shards import ShardSet, read_samples
 
 # Stand-ins tried for one failed sample before giving up: ten failures in a row is a broken dataset.
 MAX_REPLACEMENTS = 10
+# Raw samples (JPEG bytes, ~100 kB for a Flickr photo) held to shuffle within: ~100 MB per loader process.
+# `miniclip shard` already shuffles samples across shards and training shuffles the shard order, so the
+# buffer only has to break up the order inside a shard from one epoch to the next.
+SHUFFLE_BUFFER = 1000
 
 
 def random_resized_crop(im: Image.Image, size: int, crop_scale: tuple[float, float], rng: random.Random) -> Image.Image:
@@ -84,3 +93,120 @@ class PairDataset(torch.utils.data.Dataset):
             caption_index = rng.randrange(len(item.captions))
         crop = random_resized_crop(load_rgb(item.image), self.size, self.crop_scale, rng)
         return torch.from_numpy(normalise(crop, self.mean, self.std)), item.captions[caption_index]
+
+
+class ShardDataset(torch.utils.data.IterableDataset):
+    """Training pairs streamed from shards: (image c s s, caption, failures), as PairDataset gives them.
+
+    The consumers are every (rank, loader worker); with at least as many shards as consumers each reads whole
+    shards (shard i goes to consumer i mod consumers), else each reads every shard and keeps the samples whose
+    running number is its own modulo consumers. Either way one pass delivers each sample to exactly one consumer.
+
+    A pass shuffles the shard order and then the samples within a buffer, seeded by (seed, epoch, pass, consumer);
+    a caption ("one": drawn per sample) and a crop are seeded by (seed, epoch, pass, shard, sample, caption),
+    so a run is reproducible whatever the loader does. `passes=None` streams pass after pass without end: the
+    training loop takes a fixed number of batches per epoch from every rank, and no rank may run dry before the
+    others. A sample that fails to decode is skipped; its message travels with the next one (see PairDataset),
+    and more than MAX_REPLACEMENTS in a row stop training.
+    """
+
+    def __init__(self, shard_set: ShardSet, size: int, mean, std, crop_scale, captions: str, seed: int,
+                 rank: int = 0, world_size: int = 1, batch_size: int = 1, passes: int | None = None,
+                 buffer: int = SHUFFLE_BUFFER):
+        self.shard_set, self.size, self.mean, self.std = shard_set, size, mean, std
+        self.crop_scale, self.captions, self.seed = tuple(crop_scale), captions, seed
+        self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
+        self.passes, self.buffer = passes, buffer
+        self.epoch, self.skip_batches = 0, 0
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        """Call before each epoch's loader is made. `skip_batches`: this rank's batches already trained on
+        this epoch (a resumed run); they are passed over without decoding their images."""
+        self.epoch, self.skip_batches = epoch, skip_batches
+
+    def __len__(self) -> int:
+        """Samples in one pass over all ranks, for the epoch length (not this consumer's share)."""
+        return self.shard_set.size(self.captions)
+
+    def _consumer(self) -> tuple[int, int, int]:
+        """(this consumer, consumers, samples to skip): the loader's workers split a rank's share further."""
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        # The loader takes batches from its workers in turn, starting at worker 0, so the rank's batch k came
+        # from worker k mod workers. A loader resumed at batch S starts at worker 0 too: worker w takes on the
+        # stream of worker (w + S) mod workers, less the batches that one had delivered before S.
+        role = (worker + self.skip_batches) % workers
+        delivered = (self.skip_batches - role + workers - 1) // workers
+        return self.rank * workers + role, self.world_size * workers, delivered * self.batch_size
+
+    def _raw_pass(self, number: int, consumer: int, consumers: int) -> Iterator[tuple]:
+        shards = list(enumerate(self.shard_set.shards))
+        if len(shards) >= consumers:
+            mine = shards[consumer::consumers]
+            random.Random(sample_seed(self.seed, self.epoch, number, consumer)).shuffle(mine)
+            for index, shard in mine:
+                for position, sample in enumerate(read_samples(shard.path)):
+                    yield index, position, sample
+        else:
+            # Every consumer reads the shards in the same order, so the running number means the same to each.
+            random.Random(sample_seed(self.seed, self.epoch, number)).shuffle(shards)
+            running = 0
+            for index, shard in shards:
+                for position, sample in enumerate(read_samples(shard.path)):
+                    if running % consumers == consumer:
+                        yield index, position, sample
+                    running += 1
+
+    def _pairs(self, number: int, consumer: int, consumers: int) -> Iterator[tuple]:
+        """(shard, sample, caption index or None, image, captions, problem) through the shuffle buffer."""
+        rng = random.Random(sample_seed(self.seed, self.epoch, number, consumer, 1))
+        buffer: list[tuple] = []
+        for index, position, (_, image, captions, problem) in self._raw_pass(number, consumer, consumers):
+            if problem is None and self.captions == "all":
+                entries = [(index, position, j, image, captions, None) for j in range(len(captions))]
+            else:
+                entries = [(index, position, None, image, captions, problem)]
+            for entry in entries:
+                if len(buffer) < self.buffer:
+                    buffer.append(entry)
+                    continue
+                slot = rng.randrange(len(buffer))
+                yield buffer[slot]
+                buffer[slot] = entry
+        rng.shuffle(buffer)
+        yield from buffer
+
+    def __iter__(self):
+        consumer, consumers, skip = self._consumer()
+        failures: list[str] = []
+        for number in (range(self.passes) if self.passes is not None else itertools.count()):
+            usable = 0
+            for index, position, caption_index, image, captions, problem in self._pairs(number, consumer, consumers):
+                if problem is not None:
+                    if not skip:  # reported by the run that trained on these batches already
+                        failures.append(problem)
+                    continue
+                usable += 1
+                if skip:  # exact unless an image failed to decode in the batches passed over
+                    skip -= 1
+                    continue
+                rng = random.Random(sample_seed(self.seed, self.epoch, number, index, position, caption_index or 0))
+                if caption_index is None:
+                    caption_index = rng.randrange(len(captions))
+                name = f"{self.shard_set.shards[index].path.name}:sample {position}.{image[0]}"
+                try:
+                    crop = random_resized_crop(load_rgb(io.BytesIO(image[1]), name=name), self.size,
+                                               self.crop_scale, rng)
+                except DataError as exc:
+                    failures.append(str(exc))
+                    if len(failures) > MAX_REPLACEMENTS:
+                        raise DataError(f"{len(failures)} training samples in a row could not be used (last: "
+                                        f"{failures[-1]}); check the shards") from None
+                    continue
+                yield torch.from_numpy(normalise(crop, self.mean, self.std)), captions[caption_index], tuple(failures)
+                failures = []
+            if not usable:
+                raise DataError(f"{self.shard_set.spec}: loader {consumer} of {consumers} got no usable samples "
+                                f"(the {len(self.shard_set.shards)} shard(s) are too few for {consumers} processes "
+                                "x loader workers, or hold no image-caption pairs); use fewer --workers or write "
+                                "more, smaller shards")

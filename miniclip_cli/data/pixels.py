@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import struct
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -14,8 +15,11 @@ from ..errors import DataError
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
-def load_rgb(path: Path) -> Image.Image:
-    """Any mode PIL reads (L, RGBA, CMYK, P, 16-bit) as 8-bit RGB; transparency is composited on white."""
+def load_rgb(path: Path | BinaryIO, name: str | None = None) -> Image.Image:
+    """Any mode PIL reads (L, RGBA, CMYK, P, 16-bit) as 8-bit RGB; transparency is composited on white.
+
+    `path` may be an open binary file (an image read from a shard); `name` then says where it came from."""
+    where = name or path
     try:
         with Image.open(path) as im:
             im = ImageOps.exif_transpose(im)
@@ -30,15 +34,15 @@ def load_rgb(path: Path) -> Image.Image:
                 im = Image.alpha_composite(canvas, im)
             return im.convert("RGB")
     except FileNotFoundError:
-        raise DataError(f"{path}: image not found; check the path") from None
+        raise DataError(f"{where}: image not found; check the path") from None
     except IsADirectoryError:
-        raise DataError(f"{path}: is a folder, not an image; give an image file") from None
+        raise DataError(f"{where}: is a folder, not an image; give an image file") from None
     except Image.DecompressionBombError:
         limit = 2 * Image.MAX_IMAGE_PIXELS / 1e6
-        raise DataError(f"{path}: more than {limit:.0f} megapixels, which PIL refuses to open as a possible "
+        raise DataError(f"{where}: more than {limit:.0f} megapixels, which PIL refuses to open as a possible "
                         "decompression bomb; downscale it") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, struct.error) as exc:
-        raise DataError(f"{path}: cannot be read as an image ({exc}); re-save it as JPEG or PNG") from None
+        raise DataError(f"{where}: cannot be read as an image ({exc}); re-save it as JPEG or PNG") from None
 
 
 def normalise(im: Image.Image, mean, std) -> np.ndarray:

@@ -4,6 +4,7 @@ from rich.console import Console
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
+_speaker = {"prefix": ""}
 
 
 def warn(message: str) -> None:
@@ -12,3 +13,18 @@ def warn(message: str) -> None:
 
 def info(message: str) -> None:
     err.print(message, soft_wrap=True)
+
+
+def only_rank_zero_speaks(rank: int) -> None:
+    """Under torchrun every process runs the same command; only rank 0 prints. The others keep their errors
+    (see `error`), named by rank, so that a fault on one process or node is not silent."""
+    out.quiet = err.quiet = rank != 0
+    _speaker["prefix"] = f"rank {rank}: " if rank else ""
+
+
+def error(message: str) -> None:
+    quiet, err.quiet = err.quiet, False
+    try:
+        err.print(f"{_speaker['prefix']}[bold red]error:[/] {message}", soft_wrap=True)
+    finally:
+        err.quiet = quiet

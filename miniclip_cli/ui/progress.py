@@ -42,7 +42,14 @@ class TrainProgress:
 
     def on_start(self, total_steps, start_step, steps_per_epoch, info):
         self.steps_per_epoch = steps_per_epoch
-        err.print(f"training on {info['device']} ({info['precision']}), {info['train_pairs']} pairs per epoch, "
+        processes, accum = info.get("processes", 1), info.get("accum_steps", 1)
+        # Each process has its own device (cuda:LOCAL_RANK): name the kind.
+        where = f"{processes} processes on {info['device'].split(':')[0]}" if processes > 1 else info["device"]
+        batch = ""
+        if processes > 1 or accum > 1:
+            batch = (f", global batch {info['global_batch']} ({processes} process(es) x {accum} micro-batch(es) "
+                     f"x {info['batch_size']})")
+        err.print(f"training on {where} ({info['precision']}){batch}, {info['train_pairs']} pairs per epoch, "
                   f"{steps_per_epoch} steps per epoch, validating on {info['val_images']} images")
         self.task = self.progress.add_task("train", total=total_steps, completed=start_step, status="")
 
