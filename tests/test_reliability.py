@@ -363,8 +363,11 @@ def _train_args(data: Path, out: Path) -> list[str]:
 
 def _spawn(args: list[str], cwd: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
+    # A shell starts background jobs with SIGINT ignored, and Python then installs no KeyboardInterrupt
+    # handler; give the child the default so Ctrl-C tests hold however the test run itself was started.
     return subprocess.Popen([sys.executable, "-m", "miniclip_cli", *args], cwd=cwd, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 @pytest.mark.slow  # 11-23 s on 2 shared cores: an fsync'd checkpoint every step, and a fresh interpreter
