@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import MiniclipError
+from .errors import ConfigError, MiniclipError
 from .run_files import BEST, LAST
 from .runtime import ONNX_DIR, ONNX_FILES, Encoder, OnnxEncoder, open_encoder
 
@@ -100,3 +100,84 @@ def bench_rows(run: Path, image: Path, which: str = "best", repeats: int = 30, a
         if base and "error" not in r:
             r["speedup_demo"] = base["demo_ms"]["median_ms"] / r["demo_ms"]["median_ms"]
     return rows
+
+
+def bench_training(items, tokenizer, config, device, steps: int = 5, warmup: int = 2) -> dict:
+    """Training throughput of one config two ways, on the same real batches, in one process:
+
+    plain: fp32, eager, every caption padded to the full context (the reference way);
+    fast:  the config's precision (bf16 autocast where it is fast) and captions padded to the batch's
+           longest, as `miniclip train` runs.
+    Also the data path's own rate (decoding, cropping and tokenising, pairs/s) and the peak resident memory.
+    Step times are medians over `steps` timed steps after `warmup` untimed ones, each with a fresh model
+    from the same seed."""
+    import resource
+
+    import torch
+
+    from .data.images import PairDataset
+    from .device import autocast_dtype
+    from .model import MiniCLIP
+    from .train import Collate, global_batch_backward, parameter_groups, pick_workers
+
+    tc = config.train
+    dataset = PairDataset(items, config.model.image_size, config.data.mean, config.data.std, tc.crop_scale,
+                          tc.captions, tc.seed)
+    needed = (steps + warmup) * tc.batch_size
+    if len(dataset) < needed:
+        raise ConfigError(f"{len(dataset)} training pairs, but {steps + warmup} steps of batch {tc.batch_size} "
+                            f"need {needed}; lower --batch-size or --steps, or use more data")
+    loader = torch.utils.data.DataLoader(dataset, batch_size=tc.batch_size, shuffle=False,
+                                         num_workers=pick_workers(config, device),
+                                         collate_fn=list)  # raw samples: each way tokenises them itself
+    start = time.perf_counter()
+    raw = [batch for _, batch in zip(range(steps + warmup), loader)]
+    data_seconds = time.perf_counter() - start
+    context = config.model.context_length
+
+    def batches(pad_to: str):
+        collate = Collate(tokenizer, context)
+        out = []
+        for batch in raw:
+            images, ids, lengths, _ = collate(batch)
+            if pad_to == "max":
+                full = torch.full((len(ids), context), tokenizer.pad_id, dtype=ids.dtype)
+                full[:, : ids.shape[1]] = ids
+                ids = full
+            out.append((images.to(device), ids.to(device), lengths.to(device)))
+        return out
+
+    def run(pad_to: str, amp) -> dict:
+        torch.manual_seed(tc.seed)
+        model = MiniCLIP(config.model).to(device).train()
+        optimizer = torch.optim.AdamW(parameter_groups(model, tc.weight_decay), lr=tc.lr)
+
+        def autocast():
+            return torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None)
+
+        times = []
+        for i, micro_batch in enumerate(batches(pad_to)):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            tick = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            global_batch_backward(model, model, [micro_batch], 1, autocast)
+            optimizer.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if i >= warmup:
+                times.append(time.perf_counter() - tick)
+        median = statistics.median(times)
+        return {"pairs_per_s": tc.batch_size / median, "step_ms": 1000 * median,
+                "precision": str(amp or torch.float32).replace("torch.", ""), "text_padding": pad_to}
+
+    # The fast way first, so the process's peak memory after it is the fast way's own.
+    fast = run("longest", autocast_dtype(device, tc.precision))
+    fast["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    plain = run("max", None)
+    plain["peak_rss_mb_process"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"batch_size": tc.batch_size, "steps": steps, "device": str(device), "plain": plain, "fast": fast,
+            "speedup": fast["pairs_per_s"] / plain["pairs_per_s"],
+            "data_pairs_per_s": len(raw) * tc.batch_size / data_seconds,
+            "mean_caption_tokens": float(sum(int(l) for b in raw for l in
+                                             tokenizer.encode([c for _, c, _ in b], context)[1]) / (len(raw) * tc.batch_size))}

@@ -139,3 +139,20 @@ def test_training_without_pytorch_says_what_to_install(tmp_path):
     assert result.returncode == 6, result.stderr
     assert "needs torch" in result.stderr and "pip install miniclip" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_bench_train_json_schema(runner, tiny_dataset):
+    payload = json_of(run_cli(runner, "bench-train", "--data", tiny_dataset, "--preset", "tiny", "--batch-size", 4,
+                              "--steps", 2, "--vocab-size", 300, "--device", "cpu", "--json"))
+    assert payload["plain"]["text_padding"] == "max" and payload["plain"]["precision"] == "float32"
+    assert payload["fast"]["text_padding"] == "longest"
+    for way in ("plain", "fast"):
+        assert payload[way]["pairs_per_s"] > 0 and payload[way]["step_ms"] > 0
+    assert payload["speedup"] == pytest.approx(payload["fast"]["pairs_per_s"] / payload["plain"]["pairs_per_s"])
+    assert payload["data_pairs_per_s"] > 0 and payload["fast"]["peak_rss_mb"] > 0
+
+
+def test_bench_train_needs_enough_pairs(runner, tiny_dataset):
+    result = run_cli(runner, "bench-train", "--data", tiny_dataset, "--preset", "tiny", "--batch-size", 64,
+                     "--steps", 5, "--vocab-size", 300, code=3)
+    assert "lower --batch-size" in result.output

@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from ..config import load_run_config
+from ..config import RunConfig, load_run_config
 from ..errors import ConfigError, DataError, ThresholdError
 from ..evaluate import evaluate_retrieval, evaluate_zero_shot
 from ..runtime import ONNX_DIR, OnnxEncoder
@@ -16,6 +16,7 @@ from ..ui.console import info, out
 from . import command
 from .common import (
     Checkpoint,
+    Device,
     JsonFlag,
     Split,
     Templates,
@@ -170,3 +171,50 @@ def bench_command(
                           "and use keys such as top1, image_to_text_R@5, mean_recall")
     if failures:
         raise ThresholdError("below --min-metric: " + "; ".join(failures))
+
+
+@command("bench-train")
+def bench_train_command(
+    data: Optional[str] = typer.Option(None, "--data", help="Dataset whose training images make the batches. Default: the built-in shapes."),
+    batch_size: int = typer.Option(128, "--batch-size", help="Pairs per step."),
+    steps: int = typer.Option(5, "--steps", help="Timed steps per way (after 2 untimed)."),
+    preset: str = typer.Option("default", "--preset", help="Model size: default or tiny."),
+    precision: str = typer.Option("auto", "--precision", help="The fast way's precision: auto, fp32 or bf16."),
+    vocab_size: int = typer.Option(10_000, "--vocab-size", help="Vocabulary of the tokenizer trained for the run."),
+    device: Device = "auto",
+    json_out: JsonFlag = False,
+):
+    """Benchmark a training step two ways on the same real batches: plain (fp32, captions padded to the full
+    context) and fast (bf16 autocast where it is fast, captions padded to the batch's longest), with the
+    ratio, the data path's own pairs/s, and peak memory.
+
+    Examples:
+
+        miniclip bench-train --data ~/datasets/flickr8k --batch-size 128
+
+        miniclip bench-train --batch-size 256 --json
+    """
+    from ..bench import bench_training
+    from ..config import TrainConfig
+    from ..device import pick_device
+    from ..tokenizer import train_tokenizer
+    from .train import PRESETS
+
+    if preset not in PRESETS:
+        raise ConfigError(f"--preset {preset!r} is not known; use one of: {', '.join(PRESETS)}")
+    if steps < 1:
+        raise ConfigError(f"--steps must be at least 1, got {steps}")
+    items = split_items(open_dataset(data, quiet=json_out), "train")
+    tokenizer = train_tokenizer((c for item in items for c in item.captions), vocab_size)
+    model_config = PRESETS[preset]()
+    model_config.vocab_size = tokenizer.vocab_size
+    config = RunConfig(model=model_config, train=TrainConfig(batch_size=batch_size, precision=precision))
+    config.validate()
+    torch_device = pick_device(device)
+    if not json_out:
+        info(f"timing {steps} training steps of batch {batch_size} two ways on {torch_device} ...")
+    result = bench_training(items, tokenizer, config, torch_device, steps)
+    if json_out:
+        print_json(result)
+        return
+    out.print(tables.train_bench_table(result))

@@ -106,3 +106,17 @@ def bench_tables(rows: list[dict], machine: dict) -> list[Table]:
     for key in keys:
         accuracy.add_row(key, *(f"{r['accuracy'][key]:.2f}" for r in measured))
     return [speed, accuracy]
+
+
+def train_bench_table(result: dict) -> Table:
+    table = Table(title=f"training step, batch {result['batch_size']}, median of {result['steps']} ({result['device']})")
+    for column in ("way", "precision", "caption padding", "step ms", "pairs/s"):
+        table.add_column(column, justify="left" if column in ("way", "precision", "caption padding") else "right")
+    for way in ("plain", "fast"):
+        r = result[way]
+        padding = "full context" if r["text_padding"] == "max" else "batch's longest"
+        table.add_row(way, r["precision"], padding, f"{r['step_ms']:.0f}", f"{r['pairs_per_s']:.1f}")
+    table.caption = (f"fast / plain = {result['speedup']:.2f}x  ·  data path {result['data_pairs_per_s']:.0f} pairs/s  ·  "
+                     f"mean caption {result['mean_caption_tokens']:.1f} tokens  ·  peak memory {result['fast']['peak_rss_mb']:.0f} MB "
+                     f"(fast), {result['plain']['peak_rss_mb_process']:.0f} MB (process)")
+    return table
