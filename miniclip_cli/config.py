@@ -75,6 +75,7 @@ class TrainConfig:
     max_steps: int | None = None  # stop early after this many optimizer steps in all (for smoke runs)
     val_images: int = 1000  # validation recall is computed on at most this many images each epoch
     workers: int = -1  # data loader processes; -1 picks by device
+    cache: bool = True  # decode the training images once into artifacts/cache (data/cache.py)
 
     def validate(self) -> None:
         if self.epochs < 1:

@@ -14,6 +14,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import checkpoint, distributed
 from .config import RunConfig
+from .data.cache import open_cache
 from .data.images import PairDataset, ShardDataset
 from .data.layouts import ImageCaptions
 from .data.shards import ShardSet
@@ -34,6 +35,9 @@ class Callbacks:
     def on_validate(self, epoch: int) -> None: ...
     def on_epoch_end(self, record: dict) -> None: ...
     def on_checkpoint(self, path: Path) -> None: ...
+    def on_cache_progress(self, done: int, total: int) -> None:
+        """Building the decoded-image cache: `done` of `total` images."""
+
     def on_replaced_sample(self, message: str, total: int) -> None:
         """A training image failed to load and another sample took its place; `total` so far in this run."""
 
@@ -174,7 +178,7 @@ class _TrainingData:
     from shards (ShardDataset)."""
 
     def __init__(self, config: RunConfig, train: list[ImageCaptions] | ShardSet, world: distributed.World,
-                 collate: Collate, workers: int, device: torch.device):
+                 collate: Collate, workers: int, device: torch.device, callbacks: Callbacks):
         tc = config.train
         common = (config.model.image_size, config.data.mean, config.data.std, tc.crop_scale, tc.captions, tc.seed)
         self.streamed = isinstance(train, ShardSet)
@@ -182,7 +186,15 @@ class _TrainingData:
             self.dataset = ShardDataset(train, *common, rank=world.rank, world_size=world.world_size,
                                         batch_size=tc.batch_size)
         else:
-            self.dataset = PairDataset(train, *common)
+            cache = None
+            if tc.cache:
+                paths = [item.image for item in train]
+                if world.is_main:  # rank 0 builds it; the others wait, then map the same files
+                    cache, _ = open_cache(paths, config.model.image_size, progress=callbacks.on_cache_progress)
+                if world.world_size > 1:
+                    distributed.barrier()
+                    cache = cache or open_cache(paths, config.model.image_size)[0]
+            self.dataset = PairDataset(train, *common, cache=cache)
         self.world, self.collate, self.workers, self.device = world, collate, workers, device
         self.batch_size, self.accum_steps = tc.batch_size, tc.accum_steps
         self.global_batch = world.world_size * tc.accum_steps * tc.batch_size
@@ -225,7 +237,8 @@ def fit(config: RunConfig, tokenizer: Tokenizer, train_items: list[ImageCaptions
     model = MiniCLIP(config.model).to(device)
     optimizer = torch.optim.AdamW(parameter_groups(model, tc.weight_decay), lr=tc.lr, betas=(0.9, 0.98), eps=1e-6)
     workers = pick_workers(config, device)
-    data = _TrainingData(config, train_items, world, Collate(tokenizer, config.model.context_length), workers, device)
+    data = _TrainingData(config, train_items, world, Collate(tokenizer, config.model.context_length), workers, device,
+                         callbacks)
     steps_per_epoch = data.steps_per_epoch
     total_steps = tc.epochs * steps_per_epoch
     warmup = max(1, int(tc.warmup_fraction * total_steps))
@@ -271,6 +284,7 @@ def fit(config: RunConfig, tokenizer: Tokenizer, train_items: list[ImageCaptions
             batches = data.batches(epoch, done)
             model.train()
             tick, replaced_this_epoch = time.perf_counter(), 0
+            epoch_start = tick
             for _ in range(done, steps_per_epoch):
                 micro_batches = []
                 for images, ids, lengths, failures in [next(batches) for _ in range(tc.accum_steps)]:
@@ -300,6 +314,7 @@ def fit(config: RunConfig, tokenizer: Tokenizer, train_items: list[ImageCaptions
                       "step": step, "train_loss": sum(losses) / max(len(losses), 1),
                       "lr": optimizer.param_groups[0]["lr"], "temperature": 1.0 / model.scale().item()}
             losses = []
+            record["train_seconds"] = round(time.perf_counter() - epoch_start, 2)
             if replaced_this_epoch:
                 record["replaced_samples"] = replaced_this_epoch
             if world.is_main:

@@ -72,3 +72,17 @@ def trained_run(tmp_path_factory, tiny_dataset, runner):
     run_cli(runner, "train", "--data", tiny_dataset, "--out", run, "--preset", "tiny", "--epochs", 2,
             "--batch-size", 8, "--workers", 0, "--vocab-size", 300)
     return run
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cache_in_a_temporary_folder(tmp_path_factory):
+    """Training caches decoded images under $MINICLIP_CACHE; keep the tests' caches out of the checkout."""
+    import os
+
+    previous = os.environ.get("MINICLIP_CACHE")
+    os.environ["MINICLIP_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if previous is None:
+        os.environ.pop("MINICLIP_CACHE", None)
+    else:
+        os.environ["MINICLIP_CACHE"] = previous

@@ -150,6 +150,7 @@ def train_command(
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many steps in all (resumable)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out (or the latest run of this dataset) where it stopped."),
     save_every: Optional[int] = typer.Option(None, "--save-every", help="Also write a resumable checkpoint every N steps."),
+    cache: bool = typer.Option(True, "--cache/--no-cache", help="Decode the training images once into artifacts/cache (or $MINICLIP_CACHE) and reuse them."),
     workers: int = typer.Option(-1, "--workers", help="Data loader processes (per training process); -1 picks by device."),
     preset: str = typer.Option("default", "--preset", help="Model size: default (9 M parameters) or tiny (for smoke tests)."),
     val_data: Optional[str] = typer.Option(None, "--val-data", help="Validate on this dataset's val split (for shards: the split `miniclip shard` left out)."),
@@ -217,7 +218,7 @@ def train_command(
             train_config = TrainConfig(
                 epochs=epochs or (10 if builtin else 30), batch_size=batch_size, accum_steps=accum_steps, lr=lr,
                 weight_decay=weight_decay, captions=captions, seed=seed, precision=precision, max_steps=max_steps,
-                workers=workers,
+                workers=workers, cache=cache,
                 # Shapes sit anywhere on the canvas: a deep crop would cut away what the caption names.
                 crop_scale=(0.8, 1.0) if builtin else (0.5, 1.0))
             train_config.validate()

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from ..errors import DataError
+from .cache import PixelCache
 from .layouts import ImageCaptions
 from .pixels import load_rgb, normalise, resize_centre_crop
 from .shards import ShardSet, read_samples
@@ -56,9 +57,11 @@ class PairDataset(torch.utils.data.Dataset):
     `failures` carries the error messages to the training loop, which counts them (loader processes cannot
     report any other way)."""
 
-    def __init__(self, items: list[ImageCaptions], size: int, mean, std, crop_scale, captions: str, seed: int):
+    def __init__(self, items: list[ImageCaptions], size: int, mean, std, crop_scale, captions: str, seed: int,
+                 cache: PixelCache | None = None):
         self.items, self.size, self.mean, self.std = items, size, mean, std
         self.crop_scale, self.seed, self.epoch = tuple(crop_scale), seed, 0
+        self.cache = cache  # decoded pixels (data/cache.py), in the order of `items`; None decodes every time
         self.pairs = [(i, None) for i in range(len(items))] if captions == "one" else [
             (i, j) for i, item in enumerate(items) for j in range(len(item.captions))
         ]
@@ -91,7 +94,8 @@ class PairDataset(torch.utils.data.Dataset):
         rng = random.Random(sample_seed(self.seed, self.epoch, index))
         if caption_index is None:
             caption_index = rng.randrange(len(item.captions))
-        crop = random_resized_crop(load_rgb(item.image), self.size, self.crop_scale, rng)
+        image = self.cache.image(image_index) if self.cache is not None else load_rgb(item.image)
+        crop = random_resized_crop(image, self.size, self.crop_scale, rng)
         return torch.from_numpy(normalise(crop, self.mean, self.std)), item.captions[caption_index]
 
 

@@ -29,7 +29,7 @@ class TrainProgress:
 
     def __init__(self):
         self.progress = _progress()
-        self.task = None
+        self.task = self.cache_task = None
         self.steps_per_epoch = 1
         self.smoothed_rate = None
 
@@ -72,6 +72,11 @@ class TrainProgress:
         if record.get("replaced_samples"):
             text += f", {record['replaced_samples']} unloadable sample(s) replaced"
         self.progress.console.print(text)
+
+    def on_cache_progress(self, done: int, total: int):
+        if self.cache_task is None:
+            self.cache_task = self.progress.add_task("caching decoded images", total=total, status="")
+        self.progress.update(self.cache_task, completed=done)
 
     def on_checkpoint(self, path: Path):
         pass
