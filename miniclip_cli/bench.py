@@ -108,21 +108,25 @@ def bench_training(items, tokenizer, config, device, steps: int = 5, warmup: int
     plain: fp32, eager, every caption padded to the full context (the reference way);
     fast:  the config's precision (bf16 autocast where it is fast) and captions padded to the batch's
            longest, as `miniclip train` runs.
-    Also the data path's own rate (decoding, cropping and tokenising, pairs/s) and the peak resident memory.
+    Also the data path's own rate (reading the image cache or decoding the files, cropping; pairs/s) and the
+    peak resident memory.
     Step times are medians over `steps` timed steps after `warmup` untimed ones, each with a fresh model
     from the same seed."""
     import resource
 
     import torch
 
+    from .data.cache import open_cache
     from .data.images import PairDataset
     from .device import autocast_dtype
     from .model import MiniCLIP
     from .train import Collate, global_batch_backward, parameter_groups, pick_workers
 
     tc = config.train
+    # As `miniclip train` reads them: from the decoded-image cache (built here if missing, before timing).
+    cache = open_cache([item.image for item in items], config.model.image_size)[0] if tc.cache else None
     dataset = PairDataset(items, config.model.image_size, config.data.mean, config.data.std, tc.crop_scale,
-                          tc.captions, tc.seed)
+                          tc.captions, tc.seed, cache=cache)
     needed = (steps + warmup) * tc.batch_size
     if len(dataset) < needed:
         raise ConfigError(f"{len(dataset)} training pairs, but {steps + warmup} steps of batch {tc.batch_size} "
@@ -178,6 +182,6 @@ def bench_training(items, tokenizer, config, device, steps: int = 5, warmup: int
     plain["peak_rss_mb_process"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"batch_size": tc.batch_size, "steps": steps, "device": str(device), "plain": plain, "fast": fast,
             "speedup": fast["pairs_per_s"] / plain["pairs_per_s"],
-            "data_pairs_per_s": len(raw) * tc.batch_size / data_seconds,
+            "data_pairs_per_s": len(raw) * tc.batch_size / data_seconds, "data_source": "cache" if cache else "files",
             "mean_caption_tokens": float(sum(int(l) for b in raw for l in
                                              tokenizer.encode([c for _, c, _ in b], context)[1]) / (len(raw) * tc.batch_size))}

@@ -182,6 +182,7 @@ class _TrainingData:
         tc = config.train
         common = (config.model.image_size, config.data.mean, config.data.std, tc.crop_scale, tc.captions, tc.seed)
         self.streamed = isinstance(train, ShardSet)
+        self.cache_seconds = None  # how long building the image cache took, when this run built it
         if self.streamed:
             self.dataset = ShardDataset(train, *common, rank=world.rank, world_size=world.world_size,
                                         batch_size=tc.batch_size)
@@ -190,7 +191,10 @@ class _TrainingData:
             if tc.cache:
                 paths = [item.image for item in train]
                 if world.is_main:  # rank 0 builds it; the others wait, then map the same files
-                    cache, _ = open_cache(paths, config.model.image_size, progress=callbacks.on_cache_progress)
+                    start = time.perf_counter()
+                    cache, built = open_cache(paths, config.model.image_size, progress=callbacks.on_cache_progress)
+                    if built:
+                        self.cache_seconds = time.perf_counter() - start
                 if world.world_size > 1:
                     distributed.barrier()
                     cache = cache or open_cache(paths, config.model.image_size)[0]
@@ -277,7 +281,7 @@ def fit(config: RunConfig, tokenizer: Tokenizer, train_items: list[ImageCaptions
         callbacks.on_start(total_steps, step, steps_per_epoch,
                            {"train_pairs": len(data.dataset), "val_images": len(val_items), "workers": workers,
                             "precision": str(amp_dtype or torch.float32).replace("torch.", ""), "device": str(device),
-                            "processes": world.world_size, "accum_steps": tc.accum_steps,
+                            "cache_seconds": data.cache_seconds, "processes": world.world_size, "accum_steps": tc.accum_steps,
                             "batch_size": tc.batch_size, "global_batch": data.global_batch})
         while step < stop_at:
             epoch, done = divmod(step, steps_per_epoch)

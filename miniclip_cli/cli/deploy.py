@@ -181,6 +181,7 @@ def bench_train_command(
     preset: str = typer.Option("default", "--preset", help="Model size: default or tiny."),
     precision: str = typer.Option("auto", "--precision", help="The fast way's precision: auto, fp32 or bf16."),
     vocab_size: int = typer.Option(10_000, "--vocab-size", help="Vocabulary of the tokenizer trained for the run."),
+    cache: bool = typer.Option(True, "--cache/--no-cache", help="Read images from the decoded-image cache, as train does."),
     device: Device = "auto",
     json_out: JsonFlag = False,
 ):
@@ -208,7 +209,7 @@ def bench_train_command(
     tokenizer = train_tokenizer((c for item in items for c in item.captions), vocab_size)
     model_config = PRESETS[preset]()
     model_config.vocab_size = tokenizer.vocab_size
-    config = RunConfig(model=model_config, train=TrainConfig(batch_size=batch_size, precision=precision))
+    config = RunConfig(model=model_config, train=TrainConfig(batch_size=batch_size, precision=precision, cache=cache))
     config.validate()
     torch_device = pick_device(device)
     if not json_out:

@@ -42,6 +42,9 @@ class TrainProgress:
 
     def on_start(self, total_steps, start_step, steps_per_epoch, info):
         self.steps_per_epoch = steps_per_epoch
+        if info.get("cache_seconds") is not None:
+            err.print(f"decoded the training images into the cache in {info['cache_seconds']:.1f} s; "
+                      "later epochs and runs read them from it")
         processes, accum = info.get("processes", 1), info.get("accum_steps", 1)
         # Each process has its own device (cuda:LOCAL_RANK): name the kind.
         where = f"{processes} processes on {info['device'].split(':')[0]}" if processes > 1 else info["device"]
