@@ -34,10 +34,6 @@ def atomic_write(path: Path, write) -> None:
         raise
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
-
-
 def remove_stale_temporaries(folder: Path) -> None:
     """Delete the temporary files of atomic writes that never finished: a SIGKILL or a power cut skips the
     clean-up above. Only names atomic_write makes (.NAME.RANDOM.tmp) are touched."""

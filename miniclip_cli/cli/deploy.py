@@ -49,14 +49,20 @@ def _check_inputs(run: Path, data: str | None, zero_shot: Path | None, quiet: bo
     return [item.image for item in items], [c for item in items for c in item.captions][:CHECK_CAPTIONS]
 
 
-def accuracy(encoder, data: str | None, split: str, zero_shot: Path | None, templates: list[str]) -> dict:
-    """Retrieval metrics on --data and/or zero-shot metrics on --zero-shot."""
+def accuracy_data(data: str | None, split: str, zero_shot: Path | None):
+    """What accuracy is measured on, opened and checked once for every backend that is compared."""
+    items = split_items(open_dataset(data, quiet=True), split) if data is not None else None
+    return items, scan_folder(zero_shot) if zero_shot is not None else None
+
+
+def accuracy(encoder, items, folder, templates: list[str]) -> dict:
+    """Retrieval metrics on the caption set's `items` and/or zero-shot metrics on the image `folder`."""
     metrics = {}
-    if data is not None:
-        retrieval = evaluate_retrieval(encoder, split_items(open_dataset(data, quiet=True), split))
+    if items is not None:
+        retrieval = evaluate_retrieval(encoder, items)
         metrics.update({k: v for k, v in retrieval.items() if "R@" in k or k == "mean_recall"})
-    if zero_shot is not None:
-        zs = evaluate_zero_shot(encoder, scan_folder(zero_shot), templates)
+    if folder is not None:
+        zs = evaluate_zero_shot(encoder, folder, templates)
         metrics.update(top1=zs["top1"], top5=zs["top5"])
     return metrics
 
@@ -91,7 +97,8 @@ def quantize_command(
     if data is not None or zero_shot is not None:
         prompts = list(templates or load_run_config(run).data.templates)
         folder = run / ONNX_DIR
-        report["accuracy"] = {name: accuracy(OnnxEncoder(folder, name), data, split, zero_shot, prompts)
+        items, images = accuracy_data(data, split, zero_shot)
+        report["accuracy"] = {name: accuracy(OnnxEncoder(folder, name), items, images, prompts)
                               for name in ("fp32", "int8")}
         report["accuracy"]["int8_minus_fp32"] = {k: report["accuracy"]["int8"][k] - v
                                                  for k, v in report["accuracy"]["fp32"].items()}
@@ -130,7 +137,7 @@ def bench_command(
 ):
     """Benchmark PyTorch fp32, ONNX fp32 and ONNX int8 side by side: size, latency, throughput, accuracy.
 
-    Latencies are medians over warm runs (p10-p90 shown) on preprocessed pixels and raw caption text; the
+    Latencies are medians over warm runs (with their p10-p90 spread) on preprocessed pixels and raw caption text; the
     demo workload is 1 image + 3 captions. The CPU, its vector extensions and thread count are recorded.
 
     Examples:
@@ -147,8 +154,10 @@ def bench_command(
     prompts = list(templates or load_run_config(run).data.templates)
     measure_accuracy = None
     if data is not None or zero_shot is not None:
+        items, folder = accuracy_data(data, split, zero_shot)
+
         def measure_accuracy(encoder):
-            return accuracy(encoder, data, split, zero_shot, prompts)
+            return accuracy(encoder, items, folder, prompts)
     machine = cpu_info()
     if not json_out:
         info(f"benchmarking on {machine['cpu']} ({', '.join(machine['extensions']) or 'no AVX2'}), "
