@@ -126,7 +126,7 @@ def bench_training(items, tokenizer, config, device, steps: int = 5, warmup: int
     # As `miniclip train` reads them: from the decoded-image cache (built here if missing, before timing).
     cache = open_cache([item.image for item in items], config.model.image_size)[0] if tc.cache else None
     dataset = PairDataset(items, config.model.image_size, config.data.mean, config.data.std, tc.crop_scale,
-                          tc.captions, tc.seed, cache=cache)
+                          tc.captions, tc.seed, cache=cache, positives=tc.positives)
     needed = (steps + warmup) * tc.batch_size
     if len(dataset) < needed:
         raise ConfigError(f"{len(dataset)} training pairs, but {steps + warmup} steps of batch {tc.batch_size} "
@@ -138,9 +138,9 @@ def bench_training(items, tokenizer, config, device, steps: int = 5, warmup: int
     raw = [batch for _, batch in zip(range(steps + warmup), loader)]
     data_seconds = time.perf_counter() - start
     context = config.model.context_length
+    collate = Collate(tokenizer, context)
 
     def batches(pad_to: str):
-        collate = Collate(tokenizer, context)
         out = []
         for batch in raw:
             images, ids, lengths, _ = collate(batch)
@@ -165,7 +165,7 @@ def bench_training(items, tokenizer, config, device, steps: int = 5, warmup: int
                 torch.cuda.synchronize()
             tick = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
-            global_batch_backward(model, model, [micro_batch], 1, autocast)
+            global_batch_backward(model, model, [micro_batch], 1, autocast, tc.positives)
             optimizer.step()
             if device.type == "cuda":
                 torch.cuda.synchronize()
@@ -183,5 +183,4 @@ def bench_training(items, tokenizer, config, device, steps: int = 5, warmup: int
     return {"batch_size": tc.batch_size, "steps": steps, "device": str(device), "plain": plain, "fast": fast,
             "speedup": fast["pairs_per_s"] / plain["pairs_per_s"],
             "data_pairs_per_s": len(raw) * tc.batch_size / data_seconds, "data_source": "cache" if cache else "files",
-            "mean_caption_tokens": float(sum(int(l) for b in raw for l in
-                                             tokenizer.encode([c for _, c, _ in b], context)[1]) / (len(raw) * tc.batch_size))}
+            "mean_caption_tokens": float(torch.cat([collate(b)[2] for b in raw]).float().mean())}

@@ -23,6 +23,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 class ModelConfig:
     image_size: int = 128  # small enough to train on a laptop CPU, large enough for Flickr photos
     patch_size: int = 16  # 8x8 = 64 patches + a class token
+    stem: str = "linear"  # "linear": one projection per patch; "conv": stride-2 convolutions (model.conv_stem)
     vision_width: int = 256
     vision_layers: int = 4
     vision_heads: int = 4
@@ -43,6 +44,11 @@ class ModelConfig:
                 f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}; "
                 "pick sizes such as 128 and 16"
             )
+        if self.stem not in ("linear", "conv"):
+            raise ConfigError(f"stem must be 'linear' or 'conv', got {self.stem!r}")
+        if self.stem == "conv" and self.patch_size & (self.patch_size - 1):
+            raise ConfigError(f"the conv stem halves the image log2(patch_size) times: patch_size {self.patch_size} "
+                              "must be a power of two, such as 16")
         for width, heads, name in (
             (self.vision_width, self.vision_heads, "vision"),
             (self.text_width, self.text_heads, "text"),
@@ -69,6 +75,7 @@ class TrainConfig:
     weight_decay: float = 0.2  # CLIP's value; applied to matrices only, never to norms, biases or embeddings
     warmup_fraction: float = 0.05  # of all steps, then cosine decay to zero
     captions: str = "one"  # "one": one caption drawn per image each epoch; "all": every pair each epoch
+    positives: int = 1  # with captions "one": captions drawn per image per step, all positives of it in the loss
     crop_scale: tuple[float, float] = (0.5, 1.0)  # random resized crop area range at training time
     seed: int = 0
     precision: str = "auto"  # "auto" picks bf16 where the device runs it fast, "fp32", "bf16"
@@ -88,6 +95,10 @@ class TrainConfig:
             raise ConfigError(f"--lr must be positive, got {self.lr}")
         if self.captions not in ("one", "all"):
             raise ConfigError(f"--captions must be 'one' or 'all', got {self.captions!r}")
+        if self.positives < 1:
+            raise ConfigError(f"--positives must be at least 1, got {self.positives}")
+        if self.positives > 1 and self.captions != "one":
+            raise ConfigError("--positives above 1 draws that many captions per image; use it with --captions one")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"--precision must be auto, fp32 or bf16, got {self.precision!r}")
         lo, hi = self.crop_scale
@@ -132,6 +143,8 @@ class RunConfig:
         if unknown:
             raise ConfigError(f"{source}: unknown section(s) {sorted(unknown)}; expected model, train, data")
         parts = {}
+        # Settings added after runs had been saved: a config.json without them was trained the old way.
+        legacy = {"model": {"stem": "linear"}, "train": {"positives": 1}}
         for name, klass in (("model", ModelConfig), ("train", TrainConfig), ("data", DataConfig)):
             section = raw.get(name, {})
             if not isinstance(section, dict):
@@ -141,7 +154,7 @@ class RunConfig:
             if bad:
                 raise ConfigError(f"{source}: unknown {name} setting(s) {sorted(bad)}; known: {sorted(known)}")
             # JSON has no tuples; restore them so configs compare equal after a round trip.
-            fixed = {k: tuple(v) if isinstance(v, list) else v for k, v in section.items()}
+            fixed = {**legacy.get(name, {}), **{k: tuple(v) if isinstance(v, list) else v for k, v in section.items()}}
             try:
                 parts[name] = klass(**fixed)
             except TypeError as exc:
@@ -179,6 +192,44 @@ def load_run_config(run: str | Path) -> RunConfig:
 
 def tiny_model_config(vocab_size: int = 300) -> ModelConfig:
     """A model small enough for tests and smoke runs: seconds per epoch on one core."""
-    return ModelConfig(image_size=32, patch_size=8, vision_width=32, vision_layers=1, vision_heads=2,
-                       vocab_size=vocab_size, context_length=32, text_width=32, text_layers=1, text_heads=2,
-                       mlp_ratio=2, embed_dim=32)
+    return ModelConfig(image_size=32, patch_size=8, stem="linear", vision_width=32, vision_layers=1,
+                       vision_heads=2, vocab_size=vocab_size, context_length=32, text_width=32, text_layers=1,
+                       text_heads=2, mlp_ratio=2, embed_dim=32)
+
+
+def reference_configs() -> tuple[ModelConfig, TrainConfig]:
+    """Issue 7's reference recipe, the starting point its quality table compares against: a linear patch
+    projection, one caption per image per step, 30 epochs."""
+    return ModelConfig(stem="linear"), TrainConfig(epochs=30, positives=1, crop_scale=(0.5, 1.0))
+
+
+# --preset NAME: the model and the training recipe a new run starts from; flags and --set change them.
+PRESETS = {
+    "default": lambda: (ModelConfig(), TrainConfig()),
+    "reference": reference_configs,
+    "tiny": lambda: (tiny_model_config(), TrainConfig()),
+}
+
+
+def preset_configs(name: str) -> tuple[ModelConfig, TrainConfig]:
+    if name not in PRESETS:
+        raise ConfigError(f"--preset {name!r} is not known; use one of: {', '.join(PRESETS)}")
+    return PRESETS[name]()
+
+
+def apply_overrides(config: RunConfig, overrides: list[str]) -> RunConfig:
+    """A copy of `config` with each 'SECTION.KEY=VALUE' set; VALUE is read as JSON where it parses (5, 0.1,
+    true, [0.3, 1.0]) and as a string otherwise (conv). Unknown keys and impossible values fail as a config
+    file's would."""
+    raw = dataclasses.asdict(config)
+    for item in overrides:
+        key, equals, value = item.partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not equals or not dot or section not in raw:
+            raise ConfigError(f"--set {item!r}: expected SECTION.KEY=VALUE with SECTION one of model, train, data, "
+                              "e.g. --set train.positives=5 or --set model.stem=conv")
+        try:
+            raw[section][name] = json.loads(value)
+        except json.JSONDecodeError:
+            raw[section][name] = value
+    return RunConfig.from_dict(raw, source="--set")

@@ -8,15 +8,24 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 
-def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
-    """image_features, text_features: b d, unit length, row i of each is a matching pair.
+def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
+              positives: int = 1) -> torch.Tensor:
+    """image_features: b d; text_features: (b k) d with k = `positives`, rows [i k, (i + 1) k) being image i's
+    captions; all unit length.
 
-    Mean of the cross-entropy picking each image's caption among the batch's captions and each caption's
-    image among the batch's images.
+    Mean of the cross-entropy picking each image's captions among the batch's captions and each caption's
+    image among the batch's images. With k > 1 every one of an image's captions is a positive of it, never a
+    negative: the image's target is spread evenly over its k captions (a multi-positive loss), so a batch
+    uses k captions per image at the cost of one image.
     """
-    logits = logit_scale * image_features.float() @ text_features.float().T  # b b
-    targets = torch.arange(logits.shape[0], device=logits.device)
-    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+    logits = logit_scale * image_features.float() @ text_features.float().T  # b (b k)
+    images = torch.arange(logits.shape[0], device=logits.device)
+    owner = images.repeat_interleave(positives)  # (b k): each caption's image
+    if positives == 1:
+        image_loss = F.cross_entropy(logits, images)
+    else:
+        image_loss = F.cross_entropy(logits, (owner[None, :] == images[:, None]).float() / positives)
+    return (image_loss + F.cross_entropy(logits.T, owner)) / 2
 
 
 def gather_features(image_features: torch.Tensor, text_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

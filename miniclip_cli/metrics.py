@@ -35,7 +35,29 @@ def retrieval_metrics(image_features, text_features, text_image) -> dict[str, fl
         out[f"{name}_mean_rank"] = float(ranks.mean())
         out[f"{name}_median_rank"] = float(ranks[(len(ranks) - 1) // 2])
     out["mean_recall"] = sum(out[f"{n}_R@{k}"] for n in ("image_to_text", "text_to_image") for k in RECALL_KS) / 6
+    out["match3_top1"] = match3_top1(similarity, text_image)
     return out
+
+
+def match3_top1(similarity: np.ndarray, text_image: np.ndarray, seed: int = 0) -> float:
+    """The demo's task, in percent: each image against each of its own captions and two captions of other
+    images, drawn from `seed`; a hit when its own caption scores strictly highest.
+
+    similarity: i t; text_image: t, the image index of each caption."""
+    text_image = np.asarray(text_image)
+    if len(np.unique(text_image)) < 2:
+        return float("nan")
+    rng = np.random.default_rng(seed)
+    own = similarity[text_image, np.arange(len(text_image))]  # t: each caption with its own image
+    hits = np.ones(len(text_image), dtype=bool)
+    for _ in range(2):
+        # Redraw until every distractor belongs to another image; a few rounds suffice unless one image owns
+        # nearly all captions.
+        distractor = rng.integers(0, len(text_image), len(text_image))
+        while (clash := text_image[distractor] == text_image).any():
+            distractor[clash] = rng.integers(0, len(text_image), clash.sum())
+        hits &= own > similarity[text_image, distractor]
+    return float(100.0 * hits.mean())
 
 
 def zero_shot_metrics(logits, labels, class_names: list[str]) -> dict:

@@ -48,12 +48,31 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+def conv_stem(width: int, patch_size: int) -> nn.Sequential:
+    """log2(patch_size) 3x3 stride-2 convolutions, each normalised and followed by ReLU, doubling the channels
+    up to width / 2, then a 1x1 convolution to width: b 3 s s -> b width (s / p) (s / p), as the patch
+    projection does. Xiao et al. 2021 ("Early convolutions help transformers see better") found such a stem
+    makes vision transformers train more stably and generalise better from little data; at the default size
+    it has fewer parameters than the linear patch projection (130 k against 197 k). GroupNorm with one group
+    stands in for their BatchNorm: it does not depend on the batch, so training split over processes or
+    micro-batches stays exactly the one-batch computation, and training and inference behave alike."""
+    layers, steps, channels = [], patch_size.bit_length() - 1, 3
+    for i in range(steps):
+        out = max(1, width >> (steps - i))
+        layers += [nn.Conv2d(channels, out, 3, stride=2, padding=1, bias=False), nn.GroupNorm(1, out), nn.ReLU()]
+        channels = out
+    layers.append(nn.Conv2d(channels, width, 1))
+    return nn.Sequential(*layers)
+
+
 class VisionTransformer(nn.Module):
     def __init__(self, c: ModelConfig):
         super().__init__()
         grid = c.image_size // c.patch_size
-        # The only convolution: a stride-p conv is the linear projection of each non-overlapping p x p patch.
-        self.patch_embed = nn.Conv2d(3, c.vision_width, kernel_size=c.patch_size, stride=c.patch_size)
+        if c.stem == "conv":
+            self.patch_embed = conv_stem(c.vision_width, c.patch_size)
+        else:  # a stride-p conv is the linear projection of each non-overlapping p x p patch
+            self.patch_embed = nn.Conv2d(3, c.vision_width, kernel_size=c.patch_size, stride=c.patch_size)
         self.class_token = nn.Parameter(torch.randn(c.vision_width) * c.vision_width**-0.5)
         self.positions = nn.Parameter(torch.randn(grid * grid + 1, c.vision_width) * 0.02)
         self.ln_pre = nn.LayerNorm(c.vision_width)

@@ -60,7 +60,9 @@ class Collate:
 
     def __call__(self, batch):
         images, captions, failures = zip(*batch)
-        ids, lengths = self.tokenizer.encode(list(captions), self.context_length)
+        # (b k) captions, image by image, when each sample brings k (TrainConfig.positives)
+        captions = [c for sample in captions for c in ((sample,) if isinstance(sample, str) else sample)]
+        ids, lengths = self.tokenizer.encode(captions, self.context_length)
         return torch.stack(images), torch.from_numpy(ids), torch.from_numpy(lengths), [m for f in failures for m in f]
 
 
@@ -119,10 +121,11 @@ def scale_gradient(x: torch.Tensor, factor: float) -> torch.Tensor:
 
 
 def global_batch_backward(net: torch.nn.Module, model: MiniCLIP, micro_batches: list[tuple], world_size: int,
-                          autocast) -> float:
+                          autocast, positives: int = 1) -> float:
     """Forward and backward for one optimizer step over this process's K micro-batches, with every micro-batch
     of every process as negatives; leaves the gradients of one loss over the global batch (W processes x K x b
     pairs) in the parameters' .grad and returns that loss. `net` is `model` or its DistributedDataParallel.
+    Each micro-batch holds b images and b x `positives` captions, image by image (see loss.clip_loss).
 
     K = 1: one forward with gradients. K > 1 (open_clip's accum-freq): a pass without gradients caches every
     micro-batch's features; then each micro-batch is encoded again with gradients, put in place of its cached
@@ -159,7 +162,7 @@ def global_batch_backward(net: torch.nn.Module, model: MiniCLIP, micro_batches: 
             all_images[j], all_texts[j] = image_features, text_features
             # (K b) d each, then (W K b) d. The loss runs in fp32 outside autocast: the logits are cheap, and
             # bf16 would round them.
-            loss = clip_loss(*gather_features(torch.cat(all_images), torch.cat(all_texts)), scale)
+            loss = clip_loss(*gather_features(torch.cat(all_images), torch.cat(all_texts)), scale, positives)
             loss.backward()
     return loss.item()
 
@@ -185,7 +188,7 @@ class _TrainingData:
         self.cache_seconds = None  # how long building the image cache took, when this run built it
         if self.streamed:
             self.dataset = ShardDataset(train, *common, rank=world.rank, world_size=world.world_size,
-                                        batch_size=tc.batch_size)
+                                        batch_size=tc.batch_size, positives=tc.positives)
         else:
             cache = None
             if tc.cache:
@@ -198,7 +201,7 @@ class _TrainingData:
                 if world.world_size > 1:
                     distributed.barrier()
                     cache = cache or open_cache(paths, config.model.image_size)[0]
-            self.dataset = PairDataset(train, *common, cache=cache)
+            self.dataset = PairDataset(train, *common, cache=cache, positives=tc.positives)
         self.world, self.collate, self.workers, self.device = world, collate, workers, device
         self.batch_size, self.accum_steps = tc.batch_size, tc.accum_steps
         self.global_batch = world.world_size * tc.accum_steps * tc.batch_size
@@ -300,7 +303,7 @@ def fit(config: RunConfig, tokenizer: Tokenizer, train_items: list[ImageCaptions
                 for group in optimizer.param_groups:
                     group["lr"] = learning_rate(step, total_steps, tc.lr, warmup)
                 optimizer.zero_grad(set_to_none=True)
-                losses.append(global_batch_backward(net, model, micro_batches, world.world_size, autocast))
+                losses.append(global_batch_backward(net, model, micro_batches, world.world_size, autocast, tc.positives))
                 optimizer.step()
                 step += 1
                 now = time.perf_counter()

@@ -43,7 +43,7 @@ def test_eval_json_has_retrieval_and_zero_shot_keys(runner, trained_run, tiny_da
                      "--zero-shot", tiny_dataset / "zero_shot", "--template", "a {} circle", "--json")
     payload = json_of(result)
     for key in ("image_to_text_R@1", "image_to_text_R@5", "image_to_text_R@10", "text_to_image_R@1",
-                "text_to_image_R@10", "mean_recall", "top1", "top5", "mean_per_class_recall"):
+                "text_to_image_R@10", "mean_recall", "match3_top1", "top1", "top5", "mean_per_class_recall"):
         assert 0.0 <= payload[key] <= 100.0, key
     assert payload["images"] == 32 and payload["captions"] == 96
     assert set(payload["per_class"]) == {"red", "green", "blue", "yellow"}

@@ -1,12 +1,13 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from miniclip_cli.config import ModelConfig, tiny_model_config
 from miniclip_cli.loss import clip_loss
-from miniclip_cli.metrics import retrieval_metrics, zero_shot_metrics
+from miniclip_cli.metrics import match3_top1, retrieval_metrics, zero_shot_metrics
 from miniclip_cli.model import MiniCLIP, count_parameters
 
 
@@ -58,6 +59,31 @@ def test_loss_matches_hand_written_reference():
     assert math.isclose(got, reference_loss(image_features, text_features, 10.0), rel_tol=1e-5)
 
 
+def test_multi_positive_loss_hand_computed():
+    torch.manual_seed(2)
+    b, k, scale = 3, 2, 7.0
+    image_features = F.normalize(torch.randn(b, 8), dim=-1)
+    text_features = F.normalize(torch.randn(b * k, 8), dim=-1)
+    logits = scale * image_features @ text_features.T
+    image_terms, text_terms = [], []
+    for i in range(b):
+        log_p = logits[i] - torch.logsumexp(logits[i], dim=0)
+        image_terms.append(-(log_p[i * k] + log_p[i * k + 1]) / 2)  # the mean over the image's own captions
+    for t in range(b * k):
+        text_terms.append(torch.logsumexp(logits[:, t], dim=0) - logits[t // k, t])
+    want = (sum(image_terms) / b + sum(text_terms) / (b * k)) / 2
+    got = clip_loss(image_features, text_features, torch.tensor(scale), positives=k)
+    assert math.isclose(got.item(), want.item(), rel_tol=1e-5)
+
+
+def test_one_positive_is_the_plain_loss():
+    torch.manual_seed(3)
+    image_features = F.normalize(torch.randn(4, 8), dim=-1)
+    text_features = F.normalize(torch.randn(4, 8), dim=-1)
+    assert math.isclose(clip_loss(image_features, text_features, torch.tensor(5.0), positives=1).item(),
+                        reference_loss(image_features, text_features, 5.0), rel_tol=1e-5)
+
+
 def test_loss_is_low_for_matching_pairs():
     features = F.normalize(torch.eye(4), dim=-1)
     assert clip_loss(features, features, torch.tensor(100.0)).item() < 1e-3
@@ -86,6 +112,28 @@ def test_retrieval_metrics_hand_computed():
     assert m["text_to_image_median_rank"] == 1.0  # the lower median of [1, 1, 2, 3], as torch takes it
     recalls = [m[f"{d}_R@{k}"] for d in ("image_to_text", "text_to_image") for k in (1, 5, 10)]
     assert m["mean_recall"] == pytest.approx(sum(recalls) / 6)
+
+
+def test_match3_hand_computed():
+    # 2 images x 2 captions, so both distractors always come from the other image.
+    similarity = np.array([
+        [0.9, 0.05, 0.3, 0.4],  # image 0: own caption 0 beats the others (hit); own caption 1 loses (miss)
+        [0.1, 0.2, 0.8, 0.0],   # image 1: own caption 2 wins (hit); own caption 3 is lowest (miss)
+    ])
+    owner = np.array([0, 0, 1, 1])
+    assert match3_top1(similarity, owner) == 50.0
+    assert match3_top1(similarity, owner, seed=1) == 50.0
+    # Ties count against the image: equal scores are not a pick.
+    assert match3_top1(np.ones((2, 4)), owner) == 0.0
+
+
+def test_match3_distractors_come_from_other_images():
+    # Each image scores its own captions 1 and every other caption 0: a distractor drawn from the image's
+    # own captions would tie at 1 and count as a miss.
+    owner = np.repeat(np.arange(50), 5)
+    similarity = (owner[None, :] == np.arange(50)[:, None]).astype(np.float32)
+    assert match3_top1(similarity, owner) == 100.0
+    assert retrieval_metrics(similarity, np.eye(250, dtype=np.float32), owner)["match3_top1"] == 100.0
 
 
 def test_zero_shot_metrics_hand_computed():

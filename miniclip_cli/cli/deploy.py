@@ -187,7 +187,7 @@ def bench_train_command(
     data: Optional[str] = typer.Option(None, "--data", help="Dataset whose training images make the batches. Default: the built-in shapes."),
     batch_size: int = typer.Option(128, "--batch-size", help="Pairs per step."),
     steps: int = typer.Option(5, "--steps", help="Timed steps per way (after 2 untimed)."),
-    preset: str = typer.Option("default", "--preset", help="Model size: default or tiny."),
+    preset: str = typer.Option("default", "--preset", help="Model and recipe: default, reference or tiny."),
     precision: str = typer.Option("auto", "--precision", help="The fast way's precision: auto, fp32 or bf16."),
     vocab_size: int = typer.Option(10_000, "--vocab-size", help="Vocabulary of the tokenizer trained for the run."),
     cache: bool = typer.Option(True, "--cache/--no-cache", help="Read images from the decoded-image cache, as train does."),
@@ -205,20 +205,18 @@ def bench_train_command(
         miniclip bench-train --batch-size 256 --json
     """
     from ..bench import bench_training
-    from ..config import TrainConfig
+    from ..config import preset_configs
     from ..device import pick_device
     from ..tokenizer import train_tokenizer
-    from .train import PRESETS
 
-    if preset not in PRESETS:
-        raise ConfigError(f"--preset {preset!r} is not known; use one of: {', '.join(PRESETS)}")
+    model_config, train_config = preset_configs(preset)
     if steps < 1:
         raise ConfigError(f"--steps must be at least 1, got {steps}")
     items = split_items(open_dataset(data, quiet=json_out), "train")
     tokenizer = train_tokenizer((c for item in items for c in item.captions), vocab_size)
-    model_config = PRESETS[preset]()
     model_config.vocab_size = tokenizer.vocab_size
-    config = RunConfig(model=model_config, train=TrainConfig(batch_size=batch_size, precision=precision, cache=cache))
+    train_config.batch_size, train_config.precision, train_config.cache = batch_size, precision, cache
+    config = RunConfig(model=model_config, train=train_config)
     config.validate()
     torch_device = pick_device(device)
     if not json_out:

@@ -12,11 +12,10 @@ import typer
 
 from ..config import (
     DataConfig,
-    ModelConfig,
     RunConfig,
-    TrainConfig,
+    apply_overrides,
     load_run_config,
-    tiny_model_config,
+    preset_configs,
 )
 from ..data.shards import is_shard_spec, open_shards, shard_captions
 from ..errors import ConfigError, DataError, SaveError
@@ -37,7 +36,6 @@ from .common import (
     split_items,
 )
 
-PRESETS = {"default": ModelConfig, "tiny": tiny_model_config}
 DATA_HELP = ("Caption file or dataset folder (see README 'Data layouts'), or shards from `miniclip shard` (a folder, or "
              "a pattern such as 'shards/{000000..000005}.tar'). Omit for the built-in shapes dataset.")
 
@@ -138,12 +136,12 @@ def train_command(
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Run folder. Default: artifacts/runs/DATASET (numbered if taken)."),
     tokenizer_path: Optional[Path] = typer.Option(None, "--tokenizer", help="A tokenizer.json to use; default: train one on the training captions."),
     vocab_size: int = typer.Option(10_000, "--vocab-size", help="Vocabulary size when training the tokenizer."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="Passes over the training images. Default: 30, or 10 on the built-in data."),
-    batch_size: int = typer.Option(128, "--batch-size", help="Pairs per micro-batch and process; the loss sees processes x accum-steps x this many, all negatives of each other."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Passes over the training images. Default: the preset's, or 10 on the built-in data."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per micro-batch and process; the loss sees processes x accum-steps x this many, all negatives of each other. Default: the preset's (128)."),
     accum_steps: int = typer.Option(1, "--accum-steps", help="Micro-batches per optimizer step: a contrastive batch accum-steps times larger, in the memory of one."),
-    lr: float = typer.Option(5e-4, "--lr", help="Peak learning rate (AdamW, warm-up then cosine decay)."),
-    weight_decay: float = typer.Option(0.2, "--weight-decay", help="AdamW weight decay on weight matrices."),
-    captions: str = typer.Option("one", "--captions", help="'one': one caption per image per epoch, drawn anew; 'all': every caption."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (AdamW, warm-up then cosine decay). Default: the preset's."),
+    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="AdamW weight decay on weight matrices. Default: the preset's."),
+    captions: Optional[str] = typer.Option(None, "--captions", help="'one': one caption per image per epoch, drawn anew (or train.positives of them); 'all': every caption. Default: the preset's."),
     device: Device = "auto",
     precision: str = typer.Option("auto", "--precision", help="auto (bf16 where fast), fp32 or bf16."),
     seed: int = typer.Option(0, "--seed", help="Seeds weights, data order, caption draws and crops."),
@@ -152,7 +150,8 @@ def train_command(
     save_every: Optional[int] = typer.Option(None, "--save-every", help="Also write a resumable checkpoint every N steps."),
     cache: bool = typer.Option(True, "--cache/--no-cache", help="Decode the training images once into artifacts/cache (or $MINICLIP_CACHE) and reuse them."),
     workers: int = typer.Option(-1, "--workers", help="Data loader processes (per training process); -1 picks by device."),
-    preset: str = typer.Option("default", "--preset", help="Model size: default (9 M parameters) or tiny (for smoke tests)."),
+    preset: str = typer.Option("default", "--preset", help="Model and recipe: default (9 M parameters), reference (issue 7's baseline recipe) or tiny (for smoke tests)."),
+    overrides: Optional[list[str]] = typer.Option(None, "--set", help="Change one config setting, SECTION.KEY=VALUE (see config.json); repeatable. E.g. --set train.positives=1 --set model.stem=linear."),
     val_data: Optional[str] = typer.Option(None, "--val-data", help="Validate on this dataset's val split (for shards: the split `miniclip shard` left out)."),
     nproc: Optional[int] = typer.Option(None, "--nproc", help="Train as N processes on this machine (one per GPU): starts torchrun for you."),
     zero_shot: ZeroShot = None,
@@ -208,19 +207,22 @@ def train_command(
             data, val_data = config.data.path, config.data.val_path
             info(f"resuming {run}")
         else:
-            if preset not in PRESETS:
-                raise ConfigError(f"--preset {preset!r} is not known; use one of: {', '.join(PRESETS)}")
+            model_config, train_config = preset_configs(preset)
             # rank 0 names the folder: the others would see its config.json and pick the next free name.
             run = Path(distributed.broadcast_object(str(out_dir or _new_run_folder(dataset_name(data)))))
             if (run / CONFIG).exists():
                 raise ConfigError(f"{run} already holds a run; pass --resume to continue it or choose another --out")
-            builtin = data is None
-            train_config = TrainConfig(
-                epochs=epochs or (10 if builtin else 30), batch_size=batch_size, accum_steps=accum_steps, lr=lr,
-                weight_decay=weight_decay, captions=captions, seed=seed, precision=precision, max_steps=max_steps,
-                workers=workers, cache=cache,
+            if data is None:
+                train_config.epochs = 10
                 # Shapes sit anywhere on the canvas: a deep crop would cut away what the caption names.
-                crop_scale=(0.8, 1.0) if builtin else (0.5, 1.0))
+                train_config.crop_scale = (0.8, 1.0)
+            flags = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
+                     "captions": captions}
+            for name, value in flags.items():
+                if value is not None:
+                    setattr(train_config, name, value)
+            train_config.accum_steps, train_config.seed, train_config.precision = accum_steps, seed, precision
+            train_config.max_steps, train_config.workers, train_config.cache = max_steps, workers, cache
             train_config.validate()
         if world.is_main:
             _check_writable(run)
@@ -244,7 +246,6 @@ def train_command(
                     tokenizer = train_tokenizer(train_captions, vocab_size)
             if world.world_size > 1:  # one tokenizer for all: each training its own could number tokens differently
                 tokenizer = Tokenizer.from_json(distributed.broadcast_object(tokenizer.to_json() if world.is_main else None))
-            model_config = PRESETS[preset]()
             model_config.vocab_size = tokenizer.vocab_size
             data_path = None if data is None else _absolute(data)
             data_config = DataConfig(path=data_path, layout=layout, allow_outside_paths=allow_outside_paths,
@@ -253,8 +254,8 @@ def train_command(
                 data_config.templates = ("a photo of a {}", "a {}")  # the captions' own style: no full stop
             if zero_shot is not None:
                 data_config.zero_shot = str(zero_shot.expanduser().resolve())
-            config = RunConfig(model=model_config, train=train_config, data=data_config)
-            config.validate()
+            config = apply_overrides(RunConfig(model=model_config, train=train_config, data=data_config),
+                                     overrides or [])
 
         context = config.model.context_length
         report = _tokenizer_report(tokenizer, train_captions, context)

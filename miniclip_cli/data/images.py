@@ -42,24 +42,34 @@ def random_resized_crop(im: Image.Image, size: int, crop_scale: tuple[float, flo
     return resize_centre_crop(im, size)
 
 
+def draw_captions(captions, positives: int, rng: random.Random) -> str | tuple[str, ...]:
+    """One caption drawn from `captions` when positives is 1; else a tuple of `positives`, distinct while the
+    image has enough (then repeats), the positives of a multi-positive loss (loss.clip_loss)."""
+    if positives == 1:
+        return captions[rng.randrange(len(captions))]
+    order = rng.sample(range(len(captions)), min(positives, len(captions)))
+    order += [rng.randrange(len(captions)) for _ in range(positives - len(order))]
+    return tuple(captions[j] for j in order)
+
+
 def sample_seed(*parts: int) -> int:
     """A stable seed from integers, the same in every process (unlike hash() of a str)."""
     return zlib.crc32(np.array(parts, dtype=np.int64).tobytes())
 
 
 class PairDataset(torch.utils.data.Dataset):
-    """Training pairs. captions="one": an item per image, its caption drawn anew each epoch;
-    "all": an item per (image, caption) pair. Call set_epoch before each epoch's loader is made.
+    """Training pairs. captions="one": an item per image, its caption (or `positives` captions) drawn anew
+    each epoch; "all": an item per (image, caption) pair. Call set_epoch before each epoch's loader is made.
 
-    Each sample is (image c s s, caption, failures). The up-front image check (data/checks.py) cannot see
+    Each sample is (image c s s, caption or tuple of `positives` captions, failures). The up-front image check (data/checks.py) cannot see
     everything: a file damaged inside its data, or changed while training runs. A sample whose image fails
     to load is replaced by another, picked from (seed, epoch, index) so that runs stay reproducible, and
     `failures` carries the error messages to the training loop, which counts them (loader processes cannot
     report any other way)."""
 
     def __init__(self, items: list[ImageCaptions], size: int, mean, std, crop_scale, captions: str, seed: int,
-                 cache: PixelCache | None = None):
-        self.items, self.size, self.mean, self.std = items, size, mean, std
+                 cache: PixelCache | None = None, positives: int = 1):
+        self.items, self.size, self.mean, self.std, self.positives = items, size, mean, std, positives
         self.crop_scale, self.seed, self.epoch = tuple(crop_scale), seed, 0
         self.cache = cache  # decoded pixels (data/cache.py), in the order of `items`; None decodes every time
         self.pairs = [(i, None) for i in range(len(items))] if captions == "one" else [
@@ -92,15 +102,15 @@ class PairDataset(torch.utils.data.Dataset):
         image_index, caption_index = self.pairs[index]
         item = self.items[image_index]
         rng = random.Random(sample_seed(self.seed, self.epoch, index))
-        if caption_index is None:
-            caption_index = rng.randrange(len(item.captions))
+        caption = (draw_captions(item.captions, self.positives, rng) if caption_index is None
+                   else item.captions[caption_index])
         image = self.cache.image(image_index) if self.cache is not None else load_rgb(item.image)
         crop = random_resized_crop(image, self.size, self.crop_scale, rng)
-        return torch.from_numpy(normalise(crop, self.mean, self.std)), item.captions[caption_index]
+        return torch.from_numpy(normalise(crop, self.mean, self.std)), caption
 
 
 class ShardDataset(torch.utils.data.IterableDataset):
-    """Training pairs streamed from shards: (image c s s, caption, failures), as PairDataset gives them.
+    """Training pairs streamed from shards: (image c s s, caption(s), failures), as PairDataset gives them.
 
     The consumers are every (rank, loader worker); with at least as many shards as consumers each reads whole
     shards (shard i goes to consumer i mod consumers), else each reads every shard and keeps the samples whose
@@ -116,8 +126,8 @@ class ShardDataset(torch.utils.data.IterableDataset):
 
     def __init__(self, shard_set: ShardSet, size: int, mean, std, crop_scale, captions: str, seed: int,
                  rank: int = 0, world_size: int = 1, batch_size: int = 1, passes: int | None = None,
-                 buffer: int = SHUFFLE_BUFFER):
-        self.shard_set, self.size, self.mean, self.std = shard_set, size, mean, std
+                 buffer: int = SHUFFLE_BUFFER, positives: int = 1):
+        self.shard_set, self.size, self.mean, self.std, self.positives = shard_set, size, mean, std, positives
         self.crop_scale, self.captions, self.seed = tuple(crop_scale), captions, seed
         self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
         self.passes, self.buffer = passes, buffer
@@ -195,8 +205,8 @@ class ShardDataset(torch.utils.data.IterableDataset):
                     skip -= 1
                     continue
                 rng = random.Random(sample_seed(self.seed, self.epoch, number, index, position, caption_index or 0))
-                if caption_index is None:
-                    caption_index = rng.randrange(len(captions))
+                caption = (draw_captions(captions, self.positives, rng) if caption_index is None
+                           else captions[caption_index])
                 name = f"{self.shard_set.shards[index].path.name}:sample {position}.{image[0]}"
                 try:
                     crop = random_resized_crop(load_rgb(io.BytesIO(image[1]), name=name), self.size,
@@ -207,7 +217,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
                         raise DataError(f"{len(failures)} training samples in a row could not be used (last: "
                                         f"{failures[-1]}); check the shards") from None
                     continue
-                yield torch.from_numpy(normalise(crop, self.mean, self.std)), captions[caption_index], tuple(failures)
+                yield torch.from_numpy(normalise(crop, self.mean, self.std)), caption, tuple(failures)
                 failures = []
             if not usable:
                 raise DataError(f"{self.shard_set.spec}: loader {consumer} of {consumers} got no usable samples "

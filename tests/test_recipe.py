@@ -1,0 +1,105 @@
+"""Issue 7's recipe pieces: several captions per image as positives, the convolutional stem, presets and
+--set overrides, and configs saved before these settings existed."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from miniclip_cli.checkpoint import load_run
+from miniclip_cli.config import ModelConfig, RunConfig, TrainConfig, apply_overrides, preset_configs, tiny_model_config
+from miniclip_cli.data.images import PairDataset, draw_captions
+from miniclip_cli.data.layouts import load_caption_set
+from miniclip_cli.errors import ConfigError
+from miniclip_cli.model import MiniCLIP
+from miniclip_cli.tokenizer import train_tokenizer
+from miniclip_cli.train import Collate
+
+from .conftest import json_of, run_cli
+
+
+def test_draw_captions_distinct_then_repeating():
+    captions = ("a", "b", "c")
+    assert draw_captions(captions, 1, random.Random(0)) in captions
+    three = draw_captions(captions, 3, random.Random(0))
+    assert sorted(three) == ["a", "b", "c"]
+    five = draw_captions(captions, 5, random.Random(0))
+    assert len(five) == 5 and set(five[:3]) == {"a", "b", "c"}
+
+
+def test_one_positive_draws_as_before():
+    # The caption drawn with positives=1 is the single draw of earlier versions: runs stay reproducible.
+    captions = tuple("abcde")
+    for seed in range(20):
+        assert draw_captions(captions, 1, random.Random(seed)) == captions[random.Random(seed).randrange(5)]
+
+
+def test_collate_puts_an_images_captions_together(tiny_dataset):
+    items = load_caption_set(tiny_dataset).items[:4]
+    dataset = PairDataset(items, 32, (0.5,) * 3, (0.5,) * 3, (0.5, 1.0), "one", seed=0, positives=2)
+    tokenizer = train_tokenizer([c for item in items for c in item.captions], 300)
+    samples = [dataset[i] for i in range(4)]
+    images, ids, lengths, failures = Collate(tokenizer, 32)(samples)
+    assert images.shape == (4, 3, 32, 32) and ids.shape[0] == lengths.shape[0] == 8 and not failures
+    for i, (_, captions, _) in enumerate(samples):
+        assert len(set(captions)) == 2 and set(captions) <= set(items[i].captions)
+        for j, caption in enumerate(captions):  # rows 2i and 2i+1 are image i's captions, in order
+            want = tokenizer.encode([caption], 32)[0][0]
+            assert ids[2 * i + j, : len(want)].tolist() == want.tolist()
+
+
+def test_conv_stem_keeps_the_token_grid():
+    config = ModelConfig(vocab_size=100, stem="conv")
+    model = MiniCLIP(config).eval()
+    # 4 stride-2 convolutions take 128 px to the 8 x 8 grid a 16 px patch projection gives.
+    assert model.visual.patch_embed(torch.randn(1, 3, 128, 128)).shape == (1, 256, 8, 8)
+    assert model.visual.positions.shape == (65, 256)
+    with pytest.raises(ConfigError, match="power of two"):
+        ModelConfig(image_size=120, patch_size=12, stem="conv").validate()
+
+
+def test_presets_and_overrides():
+    model, train = preset_configs("reference")
+    assert (model.stem, train.positives, train.epochs) == ("linear", 1, 30)
+    config = apply_overrides(RunConfig(model=tiny_model_config(), train=TrainConfig()),
+                             ["train.positives=3", "model.stem=conv", "train.crop_scale=[0.3, 1.0]"])
+    assert (config.train.positives, config.model.stem, config.train.crop_scale) == (3, "conv", (0.3, 1.0))
+    for bad, message in (("train.nope=1", "unknown train setting"), ("positives=3", "SECTION.KEY=VALUE"),
+                         ("model.stem=round", "stem must be"), ("train.positives=0", "at least 1")):
+        with pytest.raises(ConfigError, match=message):
+            apply_overrides(RunConfig(), [bad])
+    with pytest.raises(ConfigError, match="--captions one"):
+        apply_overrides(RunConfig(), ["train.positives=2", "train.captions=all"])
+    with pytest.raises(ConfigError, match="reference"):
+        preset_configs("huge")
+
+
+def test_config_saved_before_stem_and_positives_loads_as_trained():
+    raw = json.loads(RunConfig().to_json())
+    del raw["model"]["stem"], raw["train"]["positives"]
+    config = RunConfig.from_dict(raw)
+    assert config.model.stem == "linear" and config.train.positives == 1
+
+
+def test_train_with_conv_stem_and_positives(runner, tiny_dataset, tmp_path):
+    run = tmp_path / "run"
+    payload = json_of(run_cli(runner, "train", "--data", tiny_dataset, "--out", run, "--preset", "tiny",
+                              "--epochs", 2, "--batch-size", 8, "--workers", 0, "--vocab-size", 300,
+                              "--set", "model.stem=conv", "--set", "train.positives=3", "--json"))
+    assert payload["steps"] > 0
+    config = json.loads((run / "config.json").read_text())
+    assert config["model"]["stem"] == "conv" and config["train"]["positives"] == 3
+    model, _, _ = load_run(run, "best")
+    assert model.config.stem == "conv"
+    result = json_of(run_cli(runner, "eval", run, "--split", "all", "--json"))
+    assert 0.0 <= result["match3_top1"] <= 100.0
+
+
+def test_bad_set_is_one_line_exit_3(runner, tiny_dataset, tmp_path):
+    result = run_cli(runner, "train", "--data", tiny_dataset, "--out", tmp_path / "run", "--preset", "tiny",
+                     "--set", "train.positivs=3", code=3)
+    assert "unknown train setting" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "run" / "config.json").exists()
