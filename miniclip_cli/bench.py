@@ -107,7 +107,7 @@ def bench_training(items, tokenizer, config, device, steps: int = 5, warmup: int
 
     plain: fp32, eager, every caption padded to the full context (the reference way);
     fast:  the config's precision (bf16 autocast where it is fast) and captions padded to the batch's
-           longest, as `miniclip train` runs.
+           longest, as `miniclip train` runs; torch.compile when the config asks for it.
     Also the data path's own rate (reading the image cache or decoding the files, cropping; pairs/s) and the
     peak resident memory.
     Step times are medians over `steps` timed steps after `warmup` untimed ones, each with a fresh model
@@ -120,13 +120,21 @@ def bench_training(items, tokenizer, config, device, steps: int = 5, warmup: int
     from .data.images import PairDataset
     from .device import autocast_dtype
     from .model import MiniCLIP
-    from .train import Collate, global_batch_backward, parameter_groups, pick_workers
+    from .train import (
+        Collate,
+        batch_to_device,
+        device_crops,
+        global_batch_backward,
+        parameter_groups,
+        pick_workers,
+    )
 
     tc = config.train
     # As `miniclip train` reads them: from the decoded-image cache (built here if missing, before timing).
     cache = open_cache([item.image for item in items], config.model.image_size)[0] if tc.cache else None
     dataset = PairDataset(items, config.model.image_size, config.data.mean, config.data.std, tc.crop_scale,
-                          tc.captions, tc.seed, cache=cache, positives=tc.positives)
+                          tc.captions, tc.seed, cache=cache, positives=tc.positives,
+                          device_crops=device_crops(config, device, cache is not None))
     needed = (steps + warmup) * tc.batch_size
     if len(dataset) < needed:
         raise ConfigError(f"{len(dataset)} training pairs, but {steps + warmup} steps of batch {tc.batch_size} "
@@ -148,12 +156,13 @@ def bench_training(items, tokenizer, config, device, steps: int = 5, warmup: int
                 full = torch.full((len(ids), context), tokenizer.pad_id, dtype=ids.dtype)
                 full[:, : ids.shape[1]] = ids
                 ids = full
-            out.append((images.to(device), ids.to(device), lengths.to(device)))
+            out.append(batch_to_device(images, ids, lengths, device, config))
         return out
 
-    def run(pad_to: str, amp) -> dict:
+    def run(pad_to: str, amp, compiled: bool) -> dict:
         torch.manual_seed(tc.seed)
         model = MiniCLIP(config.model).to(device).train()
+        net = torch.compile(model) if compiled else model
         optimizer = torch.optim.AdamW(parameter_groups(model, tc.weight_decay), lr=tc.lr)
 
         def autocast():
@@ -165,20 +174,22 @@ def bench_training(items, tokenizer, config, device, steps: int = 5, warmup: int
                 torch.cuda.synchronize()
             tick = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
-            global_batch_backward(model, model, [micro_batch], 1, autocast, tc.positives)
+            global_batch_backward(net, model, [micro_batch], 1, autocast, tc.positives)
             optimizer.step()
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            if i >= warmup:
-                times.append(time.perf_counter() - tick)
-        median = statistics.median(times)
-        return {"pairs_per_s": tc.batch_size / median, "step_ms": 1000 * median,
-                "precision": str(amp or torch.float32).replace("torch.", ""), "text_padding": pad_to}
+            times.append(time.perf_counter() - tick)
+        median = statistics.median(times[warmup:])
+        result = {"pairs_per_s": tc.batch_size / median, "step_ms": 1000 * median, "compiled": compiled,
+                  "precision": str(amp or torch.float32).replace("torch.", ""), "text_padding": pad_to}
+        if compiled:  # the untimed first steps, less what they would have cost at the timed steps' pace
+            result["compile_seconds"] = sum(times[:warmup]) - warmup * median
+        return result
 
     # The fast way first, so the process's peak memory after it is the fast way's own.
-    fast = run("longest", autocast_dtype(device, tc.precision))
+    fast = run("longest", autocast_dtype(device, tc.precision), tc.compile)
     fast["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    plain = run("max", None)
+    plain = run("max", None, False)
     plain["peak_rss_mb_process"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"batch_size": tc.batch_size, "steps": steps, "device": str(device), "plain": plain, "fast": fast,
             "speedup": fast["pairs_per_s"] / plain["pairs_per_s"],

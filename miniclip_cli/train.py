@@ -15,7 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 from . import checkpoint, distributed
 from .config import RunConfig
 from .data.cache import open_cache
-from .data.images import PairDataset, ShardDataset
+from .data.images import DeviceCrops, PairDataset, ShardDataset
 from .data.layouts import ImageCaptions
 from .data.shards import ShardSet
 from .device import autocast_dtype
@@ -60,10 +60,15 @@ class Collate:
 
     def __call__(self, batch):
         images, captions, failures = zip(*batch)
+        if isinstance(images[0], tuple):  # cached pixels and crop boxes, cut on the training device
+            pixels, boxes = zip(*images)
+            images = DeviceCrops(torch.stack(pixels), torch.stack(boxes))
+        else:
+            images = torch.stack(images)
         # (b k) captions, image by image, when each sample brings k (TrainConfig.positives)
         captions = [c for sample in captions for c in ((sample,) if isinstance(sample, str) else sample)]
         ids, lengths = self.tokenizer.encode(captions, self.context_length)
-        return torch.stack(images), torch.from_numpy(ids), torch.from_numpy(lengths), [m for f in failures for m in f]
+        return images, torch.from_numpy(ids), torch.from_numpy(lengths), [m for f in failures for m in f]
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -176,6 +181,24 @@ def check_world_size(counters: dict, world_size: int, run: Path) -> None:
                           f"{trained}), or start a new run")
 
 
+def device_crops(config: RunConfig, device: torch.device, cached: bool) -> bool:
+    """Whether crops are cut on the training device (data/images.DeviceCrops): by default wherever that is
+    not the CPU, since on a CPU the loader process resizes in parallel with the model's step."""
+    augment = config.train.augment
+    if augment == "device" and not cached:
+        raise ConfigError("train.augment=device cuts crops from the decoded-image cache; drop --no-cache, or use "
+                          "--set train.augment=loader (shards always crop in the loader)")
+    return cached and (augment == "device" or augment == "auto" and device.type != "cpu")
+
+
+def batch_to_device(images, ids, lengths, device: torch.device, config: RunConfig) -> tuple:
+    """One micro-batch on the training device, its crops cut there when the loader left them (DeviceCrops)."""
+    images = images.to(device, non_blocking=True)
+    if isinstance(images, DeviceCrops):
+        images = images.render(config.model.image_size, config.data.mean, config.data.std)
+    return images, ids.to(device, non_blocking=True), lengths.to(device, non_blocking=True)
+
+
 class _TrainingData:
     """This process's micro-batches, epoch by epoch, from a list of images (PairDataset and EpochSampler) or
     from shards (ShardDataset)."""
@@ -187,6 +210,8 @@ class _TrainingData:
         self.streamed = isinstance(train, ShardSet)
         self.cache_seconds = None  # how long building the image cache took, when this run built it
         if self.streamed:
+            if tc.augment == "device":
+                device_crops(config, device, cached=False)  # raises: shards have no image cache
             self.dataset = ShardDataset(train, *common, rank=world.rank, world_size=world.world_size,
                                         batch_size=tc.batch_size, positives=tc.positives)
         else:
@@ -201,7 +226,8 @@ class _TrainingData:
                 if world.world_size > 1:
                     distributed.barrier()
                     cache = cache or open_cache(paths, config.model.image_size)[0]
-            self.dataset = PairDataset(train, *common, cache=cache, positives=tc.positives)
+            self.dataset = PairDataset(train, *common, cache=cache, positives=tc.positives,
+                                       device_crops=device_crops(config, device, cache is not None))
         self.world, self.collate, self.workers, self.device = world, collate, workers, device
         self.batch_size, self.accum_steps = tc.batch_size, tc.accum_steps
         self.global_batch = world.world_size * tc.accum_steps * tc.batch_size
@@ -273,6 +299,10 @@ def fit(config: RunConfig, tokenizer: Tokenizer, train_items: list[ImageCaptions
     net = model
     if world.world_size > 1:
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if tc.compile:
+        # The forward with gradients only (DDP wrapped first, as PyTorch's DDP notes ask); captions padded to
+        # each batch's longest give a few sequence lengths, which dynamic shapes absorb after one recompile.
+        net = torch.compile(net)
 
     def save_resume():
         if world.is_main:
@@ -299,7 +329,7 @@ def fit(config: RunConfig, tokenizer: Tokenizer, train_items: list[ImageCaptions
                         replaced += 1
                         replaced_this_epoch += 1
                         callbacks.on_replaced_sample(message, replaced)
-                    micro_batches.append(tuple(t.to(device, non_blocking=True) for t in (images, ids, lengths)))
+                    micro_batches.append(batch_to_device(images, ids, lengths, device, config))
                 for group in optimizer.param_groups:
                     group["lr"] = learning_rate(step, total_steps, tc.lr, warmup)
                 optimizer.zero_grad(set_to_none=True)

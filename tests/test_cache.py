@@ -49,3 +49,27 @@ def test_undecodable_image_is_marked_not_fatal(tmp_path):
         assert "bad.jpg" in str(exc)
     else:
         raise AssertionError("a broken image must raise")
+
+
+def test_device_crops_match_loader_crops(tiny_dataset, tmp_path):
+    # The same sample seeds give the same crop boxes; the device resamples them with roi_align (bilinear,
+    # averaged) rather than PIL's bicubic, so pixels agree up to resampling differences at edges.
+    import torch
+
+    from miniclip_cli.data.images import PairDataset
+    from miniclip_cli.data.layouts import load_caption_set
+    from miniclip_cli.tokenizer import train_tokenizer
+    from miniclip_cli.train import Collate
+
+    items = load_caption_set(tiny_dataset).items[:8]
+    cache, _ = open_cache([item.image for item in items], 32, root=tmp_path / "cache")
+    common = (items, 32, (0.5,) * 3, (0.25,) * 3, (0.3, 1.0), "one", 4)
+    loader_side = PairDataset(*common, cache=cache)
+    device_side = PairDataset(*common, cache=cache, device_crops=True)
+    collate = Collate(train_tokenizer([c for item in items for c in item.captions], 300), 32)
+    want, ids, _, _ = collate([loader_side[i] for i in range(8)])
+    crops, device_ids, _, _ = collate([device_side[i] for i in range(8)])
+    got = crops.render(32, (0.5,) * 3, (0.25,) * 3)
+    assert got.shape == want.shape == (8, 3, 32, 32) and torch.equal(ids, device_ids)
+    difference = (got - want).abs()
+    assert difference.mean() < 0.05 and difference.median() < 0.02, (difference.mean(), difference.median())

@@ -1,5 +1,5 @@
-"""Issue 7's recipe pieces: several captions per image as positives, the convolutional stem, presets and
---set overrides, and configs saved before these settings existed."""
+"""Training options: several captions per image as positives, the convolutional stem, presets and --set
+overrides, configs saved before these settings existed, crops cut on the device, torch.compile."""
 
 from __future__ import annotations
 
@@ -10,7 +10,14 @@ import pytest
 import torch
 
 from miniclip_cli.checkpoint import load_run
-from miniclip_cli.config import ModelConfig, RunConfig, TrainConfig, apply_overrides, preset_configs, tiny_model_config
+from miniclip_cli.config import (
+    ModelConfig,
+    RunConfig,
+    TrainConfig,
+    apply_overrides,
+    preset_configs,
+    tiny_model_config,
+)
 from miniclip_cli.data.images import PairDataset, draw_captions
 from miniclip_cli.data.layouts import load_caption_set
 from miniclip_cli.errors import ConfigError
@@ -103,3 +110,27 @@ def test_bad_set_is_one_line_exit_3(runner, tiny_dataset, tmp_path):
                      "--set", "train.positivs=3", code=3)
     assert "unknown train setting" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "run" / "config.json").exists()
+
+
+def test_train_with_crops_cut_on_the_device(runner, tiny_dataset, tmp_path, monkeypatch):
+    monkeypatch.setenv("MINICLIP_CACHE", str(tmp_path / "cache"))
+    common = ["train", "--data", tiny_dataset, "--preset", "tiny", "--epochs", 1, "--batch-size", 8, "--workers", 0,
+              "--vocab-size", 300]
+    payload = json_of(run_cli(runner, *common, "--out", tmp_path / "run", "--set", "train.augment=device", "--json"))
+    assert payload["steps"] > 0 and payload["last"]["train_loss"] > 0
+    result = run_cli(runner, *common, "--out", tmp_path / "run2", "--no-cache", "--set", "train.augment=device", code=3)
+    assert "drop --no-cache" in result.output
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager(runner, tiny_dataset, tmp_path):
+    # torch.compile takes a minute or more on a CPU, hence slow; it must not change what is learnt.
+    common = ["train", "--data", tiny_dataset, "--preset", "tiny", "--max-steps", 3, "--batch-size", 8,
+              "--workers", 0, "--vocab-size", 300, "--precision", "fp32", "--json"]
+    eager = json_of(run_cli(runner, *common, "--out", tmp_path / "eager"))
+    compiled = json_of(run_cli(runner, *common, "--out", tmp_path / "compiled", "--compile"))
+    assert compiled["last"]["train_loss"] == pytest.approx(eager["last"]["train_loss"], rel=1e-4)
+    a, _, _ = load_run(tmp_path / "eager", "last")
+    b, _, _ = load_run(tmp_path / "compiled", "last")
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.allclose(pa, pb, atol=1e-4), name

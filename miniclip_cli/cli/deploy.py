@@ -191,6 +191,7 @@ def bench_train_command(
     precision: str = typer.Option("auto", "--precision", help="The fast way's precision: auto, fp32 or bf16."),
     vocab_size: int = typer.Option(10_000, "--vocab-size", help="Vocabulary of the tokenizer trained for the run."),
     cache: bool = typer.Option(True, "--cache/--no-cache", help="Read images from the decoded-image cache, as train does."),
+    compile_model: bool = typer.Option(False, "--compile", help="torch.compile the fast way, as train --compile does."),
     device: Device = "auto",
     json_out: JsonFlag = False,
 ):
@@ -216,6 +217,7 @@ def bench_train_command(
     tokenizer = train_tokenizer((c for item in items for c in item.captions), vocab_size)
     model_config.vocab_size = tokenizer.vocab_size
     train_config.batch_size, train_config.precision, train_config.cache = batch_size, precision, cache
+    train_config.compile = compile_model
     config = RunConfig(model=model_config, train=train_config)
     config.validate()
     torch_device = pick_device(device)

@@ -57,12 +57,16 @@ class PixelCache:
     def __len__(self) -> int:
         return len(self.paths)
 
-    def image(self, i: int) -> Image.Image:
+    def pixels(self, i: int) -> np.ndarray:
+        """Image i as h w 3 uint8 (a copy, safe to hand to torch)."""
         if i in self.broken:
             raise DataError(f"{self.paths[i]}: could not be decoded when the cache was built; re-save it as JPEG or PNG")
         if self._pixels is None:
             self._pixels = np.load(self.folder / PIXELS, mmap_mode="r")
-        return Image.fromarray(np.asarray(self._pixels[i]))
+        return np.array(self._pixels[i])
+
+    def image(self, i: int) -> Image.Image:
+        return Image.fromarray(self.pixels(i))
 
     def __getstate__(self):  # loader processes map the file themselves rather than receive a copy
         return {**self.__dict__, "_pixels": None}

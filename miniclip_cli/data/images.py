@@ -9,6 +9,7 @@ import math
 import random
 import zlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -28,18 +29,51 @@ MAX_REPLACEMENTS = 10
 SHUFFLE_BUFFER = 1000
 
 
-def random_resized_crop(im: Image.Image, size: int, crop_scale: tuple[float, float], rng: random.Random) -> Image.Image:
-    """torchvision's RandomResizedCrop sampling (area in `crop_scale`, aspect 3/4-4/3), drawn from `rng`
-    so that a sample's crop depends only on its seed, whichever loader process makes it."""
-    w, h = im.size
+def crop_box(width: int, height: int, crop_scale: tuple[float, float],
+             rng: random.Random) -> tuple[int, int, int, int] | None:
+    """torchvision's RandomResizedCrop sampling (area in `crop_scale`, aspect 3/4-4/3), drawn from `rng` so
+    that a sample's crop depends only on its seed, whichever loader process makes it: (left, top, right,
+    bottom), or None when ten draws missed (then the centre crop)."""
     for _ in range(10):
-        target = w * h * rng.uniform(*crop_scale)
+        target = width * height * rng.uniform(*crop_scale)
         ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
         cw, ch = round(math.sqrt(target * ratio)), round(math.sqrt(target / ratio))
-        if 0 < cw <= w and 0 < ch <= h:
-            left, top = rng.randint(0, w - cw), rng.randint(0, h - ch)
-            return im.resize((size, size), Image.BICUBIC, box=(left, top, left + cw, top + ch))
-    return resize_centre_crop(im, size)
+        if 0 < cw <= width and 0 < ch <= height:
+            left, top = rng.randint(0, width - cw), rng.randint(0, height - ch)
+            return left, top, left + cw, top + ch
+    return None
+
+
+def random_resized_crop(im: Image.Image, size: int, crop_scale: tuple[float, float], rng: random.Random) -> Image.Image:
+    box = crop_box(*im.size, crop_scale, rng)
+    return resize_centre_crop(im, size) if box is None else im.resize((size, size), Image.BICUBIC, box=box)
+
+
+@dataclass
+class DeviceCrops:
+    """A batch whose crops are cut on the training device rather than in the loader (TrainConfig.augment):
+    the cached uint8 pixels and each image's crop box. A GPU then receives ~75 kB per image and no loader
+    process resizes anything, so the loader only indexes the memory-mapped cache."""
+
+    pixels: torch.Tensor  # b h w 3, uint8: the cached images
+    boxes: torch.Tensor  # b 4, float32: (left, top, right, bottom) in pixels
+
+    def to(self, device, non_blocking: bool = False) -> DeviceCrops:
+        return DeviceCrops(self.pixels.to(device, non_blocking=non_blocking),
+                           self.boxes.to(device, non_blocking=non_blocking))
+
+    def render(self, size: int, mean, std) -> torch.Tensor:
+        """b 3 size size, normalised: each box resampled to size x size with roi_align, which averages
+        ceil(box / size) samples per output pixel in each direction (bilinear, antialiased as it shrinks)."""
+        from torchvision.ops import roi_align
+
+        pixels = self.pixels.permute(0, 3, 1, 2).float()  # 'b h w c -> b c h w'
+        index = torch.arange(len(self.boxes), device=pixels.device, dtype=pixels.dtype)[:, None]
+        crops = roi_align(pixels, torch.cat([index, self.boxes.to(pixels.dtype)], dim=1), output_size=size,
+                          aligned=True)  # b 3 size size, 0-255
+        mean = torch.tensor(mean, device=pixels.device).view(1, 3, 1, 1) * 255
+        std = torch.tensor(std, device=pixels.device).view(1, 3, 1, 1) * 255
+        return (crops - mean) / std
 
 
 def draw_captions(captions, positives: int, rng: random.Random) -> str | tuple[str, ...]:
@@ -68,8 +102,12 @@ class PairDataset(torch.utils.data.Dataset):
     report any other way)."""
 
     def __init__(self, items: list[ImageCaptions], size: int, mean, std, crop_scale, captions: str, seed: int,
-                 cache: PixelCache | None = None, positives: int = 1):
+                 cache: PixelCache | None = None, positives: int = 1, device_crops: bool = False):
         self.items, self.size, self.mean, self.std, self.positives = items, size, mean, std, positives
+        if device_crops and cache is None:
+            raise ValueError("device crops read the image cache; pass one")
+        # Samples carry the cached pixels and a crop box (DeviceCrops) rather than the finished crop.
+        self.device_crops = device_crops
         self.crop_scale, self.seed, self.epoch = tuple(crop_scale), seed, 0
         self.cache = cache  # decoded pixels (data/cache.py), in the order of `items`; None decodes every time
         self.pairs = [(i, None) for i in range(len(items))] if captions == "one" else [
@@ -98,12 +136,17 @@ class PairDataset(torch.utils.data.Dataset):
         raise DataError(f"{len(failures)} training images in a row could not be loaded (last: {failures[-1]}); "
                         "check the dataset's image files")
 
-    def _pair(self, index: int) -> tuple[torch.Tensor, str]:
+    def _pair(self, index: int) -> tuple:
         image_index, caption_index = self.pairs[index]
         item = self.items[image_index]
         rng = random.Random(sample_seed(self.seed, self.epoch, index))
         caption = (draw_captions(item.captions, self.positives, rng) if caption_index is None
                    else item.captions[caption_index])
+        if self.device_crops:
+            pixels = self.cache.pixels(image_index)  # h w 3
+            h, w, _ = pixels.shape
+            box = crop_box(w, h, self.crop_scale, rng) or (0, 0, w, h)  # the cache is square: all of it
+            return (torch.from_numpy(pixels), torch.tensor(box, dtype=torch.float32)), caption
         image = self.cache.image(image_index) if self.cache is not None else load_rgb(item.image)
         crop = random_resized_crop(image, self.size, self.crop_scale, rng)
         return torch.from_numpy(normalise(crop, self.mean, self.std)), caption

@@ -116,7 +116,8 @@ def train_bench_table(result: dict) -> Table:
     for way in ("plain", "fast"):
         r = result[way]
         padding = "full context" if r["text_padding"] == "max" else "batch's longest"
-        table.add_row(way, r["precision"], padding, f"{r['step_ms']:.0f}", f"{r['pairs_per_s']:.1f}")
+        compiled = f" + compile ({r['compile_seconds']:.0f} s)" if r["compiled"] else ""
+        table.add_row(way, r["precision"] + compiled, padding, f"{r['step_ms']:.0f}", f"{r['pairs_per_s']:.1f}")
     table.caption = (f"fast / plain = {result['speedup']:.2f}x  ·  data path {result['data_pairs_per_s']:.0f} pairs/s "
                      f"(from {result['data_source']})  ·  "
                      f"mean caption {result['mean_caption_tokens']:.1f} tokens  ·  peak memory {result['fast']['peak_rss_mb']:.0f} MB "
