@@ -64,10 +64,14 @@ def save_run_files(run: Path, config: RunConfig, tokenizer: Tokenizer) -> None:
     _save(run / TOKENIZER, lambda tmp: tmp.write_text(tokenizer.to_json(), encoding="utf-8"))
 
 
-def save_resume(run: Path, model: MiniCLIP, optimizer: torch.optim.Optimizer, counters: dict) -> None:
+def save_resume(run: Path, model: MiniCLIP, optimizer: torch.optim.Optimizer, counters: dict,
+                average: MiniCLIP | None = None) -> None:
     """Model and optimizer tensors in one file, with the counters and optimizer groups in its metadata,
-    so the weights and the counters can never come from two different moments."""
+    so the weights and the counters can never come from two different moments. `average`: the moving
+    average of the weights, when training keeps one (TrainConfig.ema)."""
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    if average is not None:
+        tensors.update({f"ema.{k}": v for k, v in average.state_dict().items()})
     opt = optimizer.state_dict()
     for index, state in opt["state"].items():
         for name, value in state.items():
@@ -108,12 +112,15 @@ def read_resume_metadata(run: Path) -> tuple[dict, list]:
     return counters, groups
 
 
-def load_resume(run: Path, model: MiniCLIP, optimizer: torch.optim.Optimizer) -> dict:
+def load_resume(run: Path, model: MiniCLIP, optimizer: torch.optim.Optimizer,
+                average: MiniCLIP | None = None) -> dict:
     path = run / RESUME
     remove_stale_temporaries(run)  # a run killed mid-write leaves its temporary file behind
     counters, groups = read_resume_metadata(run)
     tensors = _read_safetensors(path)
     _load_model_state(model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, path)
+    if average is not None:
+        _load_model_state(average, {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}, path)
     state: dict[int, dict] = {}
     for key, value in tensors.items():
         if key.startswith("optim."):

@@ -83,6 +83,7 @@ class TrainConfig:
     val_images: int = 1000  # validation recall is computed on at most this many images each epoch
     workers: int = -1  # data loader processes; -1 picks by device
     cache: bool = True  # decode the training images once into artifacts/cache (data/cache.py)
+    ema: float = 0.0  # decay of a moving average of the weights, validated and saved in their place; 0: none
     augment: str = "auto"  # where crops are cut: "loader" (PIL), "device" (roi_align), "auto": device off CPU
     compile: bool = False  # torch.compile the model: ~2x on a GPU, but its compile time outweighs short CPU runs
 
@@ -101,6 +102,8 @@ class TrainConfig:
             raise ConfigError(f"--positives must be at least 1, got {self.positives}")
         if self.positives > 1 and self.captions != "one":
             raise ConfigError("--positives above 1 draws that many captions per image; use it with --captions one")
+        if not 0.0 <= self.ema < 1.0:
+            raise ConfigError(f"train.ema is a decay in [0, 1), e.g. 0.995; got {self.ema}")
         if self.augment not in ("auto", "loader", "device"):
             raise ConfigError(f"augment must be auto, loader or device, got {self.augment!r}")
         if self.precision not in ("auto", "fp32", "bf16"):
@@ -148,7 +151,7 @@ class RunConfig:
             raise ConfigError(f"{source}: unknown section(s) {sorted(unknown)}; expected model, train, data")
         parts = {}
         # Settings added after runs had been saved: a config.json without them was trained the old way.
-        legacy = {"model": {"stem": "linear"}, "train": {"positives": 1, "compile": False, "augment": "loader"}}
+        legacy = {"model": {"stem": "linear"}, "train": {"positives": 1, "compile": False, "augment": "loader", "ema": 0.0}}
         for name, klass in (("model", ModelConfig), ("train", TrainConfig), ("data", DataConfig)):
             section = raw.get(name, {})
             if not isinstance(section, dict):

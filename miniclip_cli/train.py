@@ -172,6 +172,24 @@ def global_batch_backward(net: torch.nn.Module, model: MiniCLIP, micro_batches: 
     return loss.item()
 
 
+class MovingAverage:
+    """An exponential moving average of the model's weights, decay d: each step the average moves 1 - d of
+    the way to the weights. Early on the decay is min(d, (1 + step) / (10 + step)) (as in TensorFlow's
+    ExponentialMovingAverage), so the average is not dominated by the random initial weights."""
+
+    def __init__(self, model: MiniCLIP, decay: float):
+        self.decay = decay
+        self.model = MiniCLIP(model.config).to(next(model.parameters()).device).eval()
+        self.model.load_state_dict(model.state_dict())
+        self.model.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: MiniCLIP, step: int) -> None:
+        decay = min(self.decay, (1 + step) / (10 + step))
+        mine, theirs = list(self.model.state_dict().values()), list(model.state_dict().values())
+        torch._foreach_lerp_(mine, theirs, 1.0 - decay)
+
+
 def check_world_size(counters: dict, world_size: int, run: Path) -> None:
     """A run resumes with the processes it was trained by: the data each rank sees depends on their number."""
     trained = int(counters.get("world_size", 1))
@@ -284,8 +302,10 @@ def fit(config: RunConfig, tokenizer: Tokenizer, train_items: list[ImageCaptions
     step, history, best = 0, [], -1.0
     losses: list[float] = []  # this epoch's, so far; saved with the resume file so its mean survives a restart
     replaced = 0
+    # The moving average of the weights (TrainConfig.ema) is what validation sees and best/last hold.
+    average = MovingAverage(model, tc.ema) if tc.ema else None
     if resume:
-        counters = checkpoint.load_resume(run, model, optimizer)
+        counters = checkpoint.load_resume(run, model, optimizer, average.model if average else None)
         check_world_size(counters, world.world_size, run)
         step, best = counters["step"], counters["best_mean_recall"]
         if step % steps_per_epoch:  # stopped mid-epoch (files from before this was saved have none)
@@ -308,7 +328,7 @@ def fit(config: RunConfig, tokenizer: Tokenizer, train_items: list[ImageCaptions
         if world.is_main:
             checkpoint.save_resume(run, model, optimizer, {
                 "step": step, "best_mean_recall": best, "epoch_losses": losses if step % steps_per_epoch else [],
-                "world_size": world.world_size})
+                "world_size": world.world_size}, average.model if average else None)
 
     try:
         callbacks.on_start(total_steps, step, steps_per_epoch,
@@ -335,6 +355,8 @@ def fit(config: RunConfig, tokenizer: Tokenizer, train_items: list[ImageCaptions
                 optimizer.zero_grad(set_to_none=True)
                 losses.append(global_batch_backward(net, model, micro_batches, world.world_size, autocast, tc.positives))
                 optimizer.step()
+                if average:
+                    average.update(model, step)
                 step += 1
                 now = time.perf_counter()
                 pairs = world.world_size * sum(len(b[0]) for b in micro_batches)
@@ -355,18 +377,19 @@ def fit(config: RunConfig, tokenizer: Tokenizer, train_items: list[ImageCaptions
             if replaced_this_epoch:
                 record["replaced_samples"] = replaced_this_epoch
             if world.is_main:
+                kept = average.model if average else model
                 if val_items:
                     callbacks.on_validate(epoch + 1)
-                    model.eval()
-                    encoder = TorchEncoder(model, tokenizer, config.data.mean, config.data.std, device, tc.precision)
+                    kept.eval()
+                    encoder = TorchEncoder(kept, tokenizer, config.data.mean, config.data.std, device, tc.precision)
                     metrics = evaluate_retrieval(encoder, val_items)
                     record.update({f"val_{k}": v for k, v in metrics.items() if k not in ("images", "captions")})
                 history.append(record)
-                checkpoint.save_weights(run / checkpoint.LAST, model)
+                checkpoint.save_weights(run / checkpoint.LAST, kept)
                 score = record.get("val_mean_recall", 0.0)
                 if score > best or not val_items:
                     best = score
-                    checkpoint.save_weights(run / checkpoint.BEST, model)
+                    checkpoint.save_weights(run / checkpoint.BEST, kept)
                     callbacks.on_checkpoint(run / checkpoint.BEST)
                 checkpoint.write_history(run, history)
                 save_resume()

@@ -134,3 +134,36 @@ def test_compiled_training_matches_eager(runner, tiny_dataset, tmp_path):
     b, _, _ = load_run(tmp_path / "compiled", "last")
     for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.allclose(pa, pb, atol=1e-4), name
+
+
+def test_moving_average_follows_the_weights():
+    from miniclip_cli.train import MovingAverage
+
+    torch.manual_seed(0)
+    model = MiniCLIP(tiny_model_config(50))
+    average = MovingAverage(model, decay=0.9)
+    start = average.model.logit_scale.item()
+    with torch.no_grad():
+        model.logit_scale.add_(1.0)
+    average.update(model, step=1000)  # past the warm-up: the decay itself
+    assert average.model.logit_scale.item() == pytest.approx(start + 0.1, abs=1e-5)
+    average.update(model, step=0)  # warm-up: decay (1 + 0) / (10 + 0) = 0.1
+    assert average.model.logit_scale.item() == pytest.approx(start + 0.1 + 0.9 * 0.9, abs=1e-5)
+
+
+def test_moving_average_is_saved_and_resumes_exactly(runner, tiny_dataset, tmp_path):
+    common = ["train", "--data", tiny_dataset, "--preset", "tiny", "--epochs", 2, "--batch-size", 8, "--workers", 0,
+              "--vocab-size", 300, "--set", "train.ema=0.9"]
+    run_cli(runner, *common, "--out", tmp_path / "straight")
+    run_cli(runner, *common, "--out", tmp_path / "stopped", "--max-steps", 3)
+    run_cli(runner, "train", "--out", tmp_path / "stopped", "--resume")
+    a, _, _ = load_run(tmp_path / "straight", "last")
+    b, _, _ = load_run(tmp_path / "stopped", "last")
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.allclose(pa, pb, atol=1e-5), name
+    # last.safetensors holds the average, not the weights the optimizer left
+    from safetensors.torch import load_file
+
+    raw = load_file(str(tmp_path / "straight" / "resume.safetensors"))
+    assert not torch.equal(raw["model.visual.proj.weight"], a.state_dict()["visual.proj.weight"])
+    assert torch.equal(raw["ema.visual.proj.weight"], a.state_dict()["visual.proj.weight"])
