@@ -191,7 +191,11 @@ def bench_training(items, tokenizer, config, device, steps: int = 5, warmup: int
     fast["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     plain = run("max", None, False)
     plain["peak_rss_mb_process"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"batch_size": tc.batch_size, "steps": steps, "device": str(device), "plain": plain, "fast": fast,
+    extra = {}
+    if tc.compile:  # what compiling alone gives: the fast way again, eager
+        extra["fast_eager"] = run("longest", autocast_dtype(device, tc.precision), False)
+        extra["compile_speedup"] = fast["pairs_per_s"] / extra["fast_eager"]["pairs_per_s"]
+    return {**extra, "batch_size": tc.batch_size, "steps": steps, "device": str(device), "plain": plain, "fast": fast,
             "speedup": fast["pairs_per_s"] / plain["pairs_per_s"],
             "data_pairs_per_s": len(raw) * tc.batch_size / data_seconds, "data_source": "cache" if cache else "files",
             "mean_caption_tokens": float(torch.cat([collate(b)[2] for b in raw]).float().mean())}

@@ -113,12 +113,15 @@ def train_bench_table(result: dict) -> Table:
     table = Table(title=f"training step, batch {result['batch_size']}, median of {result['steps']} ({result['device']})")
     for column in ("way", "precision", "caption padding", "step ms", "pairs/s"):
         table.add_column(column, justify="left" if column in ("way", "precision", "caption padding") else "right")
-    for way in ("plain", "fast"):
+    for way in ("plain", "fast_eager", "fast"):
+        if way not in result:
+            continue
         r = result[way]
         padding = "full context" if r["text_padding"] == "max" else "batch's longest"
         compiled = f" + compile ({r['compile_seconds']:.0f} s)" if r["compiled"] else ""
-        table.add_row(way, r["precision"] + compiled, padding, f"{r['step_ms']:.0f}", f"{r['pairs_per_s']:.1f}")
-    table.caption = (f"fast / plain = {result['speedup']:.2f}x  ·  data path {result['data_pairs_per_s']:.0f} pairs/s "
+        table.add_row(way.replace("_", ", "), r["precision"] + compiled, padding, f"{r['step_ms']:.0f}", f"{r['pairs_per_s']:.1f}")
+    compiled = f"compiled / eager = {result['compile_speedup']:.2f}x  ·  " if "compile_speedup" in result else ""
+    table.caption = (f"fast / plain = {result['speedup']:.2f}x  ·  {compiled}data path {result['data_pairs_per_s']:.0f} pairs/s "
                      f"(from {result['data_source']})  ·  "
                      f"mean caption {result['mean_caption_tokens']:.1f} tokens  ·  peak memory {result['fast']['peak_rss_mb']:.0f} MB "
                      f"(fast), {result['plain']['peak_rss_mb_process']:.0f} MB (process)")
