@@ -75,7 +75,8 @@ class TrainConfig:
     weight_decay: float = 0.2  # CLIP's value; applied to matrices only, never to norms, biases or embeddings
     warmup_fraction: float = 0.05  # of all steps, then cosine decay to zero
     captions: str = "one"  # "one": one caption drawn per image each epoch; "all": every pair each epoch
-    positives: int = 1  # with captions "one": captions drawn per image per step, all positives of it in the loss
+    positives: int = 5  # with captions "one": captions drawn per image per step, all positives of it in the loss
+    # (Flickr and COCO have 5 per image; where images have fewer, `train` lowers it to their number)
     crop_scale: tuple[float, float] = (0.5, 1.0)  # random resized crop area range at training time
     seed: int = 0
     precision: str = "auto"  # "auto" picks bf16 where the device runs it fast, "fp32", "bf16"
@@ -99,9 +100,10 @@ class TrainConfig:
         if self.captions not in ("one", "all"):
             raise ConfigError(f"--captions must be 'one' or 'all', got {self.captions!r}")
         if self.positives < 1:
-            raise ConfigError(f"--positives must be at least 1, got {self.positives}")
+            raise ConfigError(f"train.positives must be at least 1, got {self.positives}")
         if self.positives > 1 and self.captions != "one":
-            raise ConfigError("--positives above 1 draws that many captions per image; use it with --captions one")
+            raise ConfigError("train.positives above 1 draws that many captions per image; use it with --captions one, "
+                              "or set train.positives=1 with --captions all")
         if not 0.0 <= self.ema < 1.0:
             raise ConfigError(f"train.ema is a decay in [0, 1), e.g. 0.995; got {self.ema}")
         if self.augment not in ("auto", "loader", "device"):

@@ -167,3 +167,14 @@ def test_moving_average_is_saved_and_resumes_exactly(runner, tiny_dataset, tmp_p
     raw = load_file(str(tmp_path / "straight" / "resume.safetensors"))
     assert not torch.equal(raw["model.visual.proj.weight"], a.state_dict()["visual.proj.weight"])
     assert torch.equal(raw["ema.visual.proj.weight"], a.state_dict()["visual.proj.weight"])
+
+
+def test_positives_follow_the_captions_an_image_has(runner, tiny_dataset, tmp_path):
+    # The default recipe draws 5 captions per image; the tiny dataset has 3 per image, so 3 are drawn.
+    common = ["train", "--data", tiny_dataset, "--preset", "tiny", "--max-steps", 1, "--batch-size", 8,
+              "--workers", 0, "--vocab-size", 300]
+    run_cli(runner, *common, "--out", tmp_path / "default")
+    assert json.loads((tmp_path / "default" / "config.json").read_text())["train"]["positives"] == 3
+    # --captions all makes every pair a sample of its own: one caption per image per step.
+    run_cli(runner, *common, "--out", tmp_path / "all", "--captions", "all")
+    assert json.loads((tmp_path / "all" / "config.json").read_text())["train"]["positives"] == 1
