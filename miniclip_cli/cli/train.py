@@ -14,6 +14,7 @@ from ..config import (
     DataConfig,
     RunConfig,
     apply_overrides,
+    fit_positives,
     load_run_config,
     preset_configs,
 )
@@ -263,12 +264,10 @@ def train_command(
             config = apply_overrides(RunConfig(model=model_config, train=train_config, data=data_config),
                                      overrides or [])
             images = len(train_data) if isinstance(train_data, list) else train_data.size("one")
-            per_image = -(-len(train_captions) // max(images, 1))  # captions per image, rounded up
-            if config.train.positives > per_image and not any(o.startswith("train.positives") for o in overrides or []):
-                # The preset's several positives per image mean repeating one caption where images have one.
-                config.train.positives = per_image
-                if not json_out:
-                    info(f"{per_image} caption(s) per image: training with train.positives={per_image}")
+            explicit = any(o.startswith("train.positives") for o in overrides or [])
+            if not explicit and fit_positives(config.train, images, len(train_captions)) and not json_out:
+                info(f"fewer captions than the preset's positives per image: training with "
+                     f"train.positives={config.train.positives}")
 
         context = config.model.context_length
         report = _tokenizer_report(tokenizer, train_captions, context)
