@@ -170,11 +170,13 @@ def test_moving_average_is_saved_and_resumes_exactly(runner, tiny_dataset, tmp_p
 
 
 def test_positives_follow_the_captions_an_image_has(runner, tiny_dataset, tmp_path):
-    # The default recipe draws 5 captions per image; the tiny dataset has 3 per image, so 3 are drawn.
+    # A preset asking for 5 captions per image draws the 3 the tiny dataset has.
+    from miniclip_cli.config import fit_positives
+
+    train = TrainConfig(positives=5)
+    assert fit_positives(train, images=32, captions=96) and train.positives == 3
     common = ["train", "--data", tiny_dataset, "--preset", "tiny", "--max-steps", 1, "--batch-size", 8,
               "--workers", 0, "--vocab-size", 300]
-    run_cli(runner, *common, "--out", tmp_path / "default")
-    assert json.loads((tmp_path / "default" / "config.json").read_text())["train"]["positives"] == 3
     # --captions all makes every pair a sample of its own: one caption per image per step.
     run_cli(runner, *common, "--out", tmp_path / "all", "--captions", "all")
     assert json.loads((tmp_path / "all" / "config.json").read_text())["train"]["positives"] == 1
