@@ -199,15 +199,6 @@ def load_run_config(run: str | Path) -> RunConfig:
         raise CheckpointError(f"{exc}; restore the file from a copy of the run, or retrain") from None
 
 
-def fit_positives(train: TrainConfig, images: int, captions: int) -> bool:
-    """Lowers train.positives to the captions an image has on average (rounded up), so a dataset with one
-    caption per image does not repeat it; returns whether it changed."""
-    per_image = max(1, -(-captions // max(images, 1)))
-    changed = train.positives > per_image
-    train.positives = min(train.positives, per_image)
-    return changed
-
-
 def tiny_model_config(vocab_size: int = 300) -> ModelConfig:
     """A model small enough for tests and smoke runs: seconds per epoch on one core."""
     return ModelConfig(image_size=32, patch_size=8, stem="linear", vision_width=32, vision_layers=1,

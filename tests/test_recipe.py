@@ -169,12 +169,7 @@ def test_moving_average_is_saved_and_resumes_exactly(runner, tiny_dataset, tmp_p
     assert torch.equal(raw["ema.visual.proj.weight"], a.state_dict()["visual.proj.weight"])
 
 
-def test_positives_follow_the_captions_an_image_has(runner, tiny_dataset, tmp_path):
-    # A preset asking for 5 captions per image draws the 3 the tiny dataset has.
-    from miniclip_cli.config import fit_positives
-
-    train = TrainConfig(positives=5)
-    assert fit_positives(train, images=32, captions=96) and train.positives == 3
+def test_captions_all_trains_one_caption_per_step(runner, tiny_dataset, tmp_path):
     common = ["train", "--data", tiny_dataset, "--preset", "tiny", "--max-steps", 1, "--batch-size", 8,
               "--workers", 0, "--vocab-size", 300]
     # --captions all makes every pair a sample of its own: one caption per image per step.

@@ -206,7 +206,7 @@ def bench_train_command(
         miniclip bench-train --batch-size 256 --json
     """
     from ..bench import bench_training
-    from ..config import fit_positives, preset_configs
+    from ..config import preset_configs
     from ..device import pick_device
     from ..tokenizer import train_tokenizer
 
@@ -218,7 +218,6 @@ def bench_train_command(
     model_config.vocab_size = tokenizer.vocab_size
     train_config.batch_size, train_config.precision, train_config.cache = batch_size, precision, cache
     train_config.compile = compile_model
-    fit_positives(train_config, len(items), sum(len(item.captions) for item in items))  # as train does
     config = RunConfig(model=model_config, train=train_config)
     config.validate()
     torch_device = pick_device(device)

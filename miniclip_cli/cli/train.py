@@ -14,7 +14,6 @@ from ..config import (
     DataConfig,
     RunConfig,
     apply_overrides,
-    fit_positives,
     load_run_config,
     preset_configs,
 )
@@ -218,15 +217,11 @@ def train_command(
                 train_config.epochs = 10
                 # Shapes sit anywhere on the canvas: a deep crop would cut away what the caption names.
                 train_config.crop_scale = (0.8, 1.0)
-                # One caption per step keeps the first command of the README at about 4 minutes on a CPU.
-                train_config.positives = 1
             flags = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
                      "captions": captions}
             for name, value in flags.items():
                 if value is not None:
                     setattr(train_config, name, value)
-            if captions == "all":  # every pair as its own sample: one caption per image per step
-                train_config.positives = 1
             train_config.accum_steps, train_config.seed, train_config.precision = accum_steps, seed, precision
             train_config.max_steps, train_config.workers, train_config.cache = max_steps, workers, cache
             train_config.compile = compile_model
@@ -263,11 +258,6 @@ def train_command(
                 data_config.zero_shot = str(zero_shot.expanduser().resolve())
             config = apply_overrides(RunConfig(model=model_config, train=train_config, data=data_config),
                                      overrides or [])
-            images = len(train_data) if isinstance(train_data, list) else train_data.size("one")
-            explicit = any(o.startswith("train.positives") for o in overrides or [])
-            if not explicit and fit_positives(config.train, images, len(train_captions)) and not json_out:
-                info(f"fewer captions than the preset's positives per image: training with "
-                     f"train.positives={config.train.positives}")
 
         context = config.model.context_length
         report = _tokenizer_report(tokenizer, train_captions, context)
