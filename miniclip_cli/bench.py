@@ -174,7 +174,7 @@ def bench_training(items, tokenizer, config, device, steps: int = 5, warmup: int
                 torch.cuda.synchronize()
             tick = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
-            global_batch_backward(net, model, [micro_batch], 1, autocast, tc.positives)
+            global_batch_backward(net, model, [micro_batch], 1, autocast, tc.positives, tc.loss)
             optimizer.step()
             if device.type == "cuda":
                 torch.cuda.synchronize()

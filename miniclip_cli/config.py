@@ -37,6 +37,7 @@ class ModelConfig:
     dropout: float = 0.0
     init_temperature: float = 0.07  # CLIP's initial softmax temperature (logit scale 1/0.07)
     max_logit_scale: float = 100.0  # CLIP's clamp: keeps the temperature from collapsing to zero
+    init_logit_bias: float | None = None  # a learnt bias on the logits, which train.loss=siglip needs (-10)
 
     def validate(self) -> None:
         if self.image_size % self.patch_size:
@@ -87,6 +88,8 @@ class TrainConfig:
     ema: float = 0.0  # decay of a moving average of the weights, validated and saved in their place; 0: none
     augment: str = "auto"  # where crops are cut: "loader" (PIL), "device" (roi_align), "auto": device off CPU
     compile: bool = False  # torch.compile the model: ~2x on a GPU, but its compile time outweighs short CPU runs
+    loss: str = "clip"  # "clip": softmax InfoNCE (loss.clip_loss); "siglip": sigmoid pairs (loss.siglip_loss)
+    token_dropout: float = 0.0  # chance that a caption word is deleted at training time (train.drop_tokens)
 
     def validate(self) -> None:
         if self.epochs < 1:
@@ -108,6 +111,10 @@ class TrainConfig:
             raise ConfigError(f"train.ema is a decay in [0, 1), e.g. 0.995; got {self.ema}")
         if self.augment not in ("auto", "loader", "device"):
             raise ConfigError(f"augment must be auto, loader or device, got {self.augment!r}")
+        if self.loss not in ("clip", "siglip"):
+            raise ConfigError(f"train.loss must be clip or siglip, got {self.loss!r}")
+        if not 0.0 <= self.token_dropout < 1.0:
+            raise ConfigError(f"train.token_dropout is a probability in [0, 1), e.g. 0.1; got {self.token_dropout}")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"--precision must be auto, fp32 or bf16, got {self.precision!r}")
         lo, hi = self.crop_scale
@@ -140,6 +147,9 @@ class RunConfig:
     def validate(self) -> None:
         self.model.validate()
         self.train.validate()
+        if self.train.loss == "siglip" and self.model.init_logit_bias is None:
+            raise ConfigError("train.loss=siglip learns a bias on the logits: add --set model.init_logit_bias=-10 "
+                              "(SigLIP's starting value)")
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)

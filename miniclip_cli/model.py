@@ -126,6 +126,8 @@ class MiniCLIP(nn.Module):
         self.visual = VisionTransformer(config)
         self.text = TextTransformer(config)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / config.init_temperature)))
+        # The learnt bias of the sigmoid loss (loss.siglip_loss); the softmax loss has none.
+        self.logit_bias = None if config.init_logit_bias is None else nn.Parameter(torch.tensor(float(config.init_logit_bias)))
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """images: b 3 s s, normalised -> b embed_dim, unit length."""

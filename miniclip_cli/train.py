@@ -21,7 +21,7 @@ from .data.shards import ShardSet
 from .device import autocast_dtype
 from .errors import ConfigError
 from .evaluate import evaluate_retrieval
-from .loss import clip_loss, gather_features
+from .loss import clip_loss, gather_features, siglip_loss
 from .model import MiniCLIP
 from .runtime import TorchEncoder
 from .tokenizer import Tokenizer
@@ -126,11 +126,12 @@ def scale_gradient(x: torch.Tensor, factor: float) -> torch.Tensor:
 
 
 def global_batch_backward(net: torch.nn.Module, model: MiniCLIP, micro_batches: list[tuple], world_size: int,
-                          autocast, positives: int = 1) -> float:
+                          autocast, positives: int = 1, loss: str = "clip") -> float:
     """Forward and backward for one optimizer step over this process's K micro-batches, with every micro-batch
     of every process as negatives; leaves the gradients of one loss over the global batch (W processes x K x b
     pairs) in the parameters' .grad and returns that loss. `net` is `model` or its DistributedDataParallel.
-    Each micro-batch holds b images and b x `positives` captions, image by image (see loss.clip_loss).
+    Each micro-batch holds b images and b x `positives` captions, image by image (see loss.clip_loss); `loss`
+    is TrainConfig.loss.
 
     K = 1: one forward with gradients. K > 1 (open_clip's accum-freq): a pass without gradients caches every
     micro-batch's features; then each micro-batch is encoded again with gradients, put in place of its cached
@@ -141,7 +142,7 @@ def global_batch_backward(net: torch.nn.Module, model: MiniCLIP, micro_batches: 
       features: each backward reaches the encoders only through the one micro-batch encoded with gradients,
         so summing the K backward passes and the W processes gives the full gradient. DDP averages over the
         processes instead of summing, so each process scales its features' gradient by W first.
-      logit scale: it enters each loss directly and gets its full gradient from every backward, so only the
+      logit scale (and the sigmoid loss's bias): it enters each loss directly and gets its full gradient from every backward, so only the
         last micro-batch keeps its gradient (the last, because DDP synchronises there and needs a gradient
         for every parameter); DDP's average of W equal gradients is that gradient.
     """
@@ -159,17 +160,35 @@ def global_batch_backward(net: torch.nn.Module, model: MiniCLIP, micro_batches: 
         with sync:
             with autocast():
                 image_features, text_features, scale = net(images, ids, lengths)
+            bias = model.logit_bias
             if not last:
-                scale = scale.detach()
+                scale, bias = scale.detach(), bias if bias is None else bias.detach()
             image_features = scale_gradient(image_features.float(), world_size)
             text_features = scale_gradient(text_features.float(), world_size)
             all_images, all_texts = [c[0] for c in cached] or [None], [c[1] for c in cached] or [None]
             all_images[j], all_texts[j] = image_features, text_features
             # (K b) d each, then (W K b) d. The loss runs in fp32 outside autocast: the logits are cheap, and
             # bf16 would round them.
-            loss = clip_loss(*gather_features(torch.cat(all_images), torch.cat(all_texts)), scale, positives)
-            loss.backward()
-    return loss.item()
+            features = gather_features(torch.cat(all_images), torch.cat(all_texts))
+            value = (siglip_loss(*features, scale, bias, positives) if loss == "siglip"
+                     else clip_loss(*features, scale, positives))
+            value.backward()
+    return value.item()
+
+
+def drop_tokens(ids: torch.Tensor, lengths: torch.Tensor, rate: float, generator: torch.Generator,
+                pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Caption token dropout (TrainConfig.token_dropout): each token between <start> and <end> is deleted with
+    chance `rate` and the rest close up, so the caption "a dog runs on grass" may train as "a dog on grass".
+    The text tower then cannot lean on any one word of a caption it has seen before. ids: b n, lengths: b."""
+    b, n = ids.shape
+    position = torch.arange(n)
+    word = (position > 0) & (position < (lengths - 1)[:, None])  # b n: neither <start>, <end> nor padding
+    keep = (position < lengths[:, None]) & ~(word & (torch.rand(b, n, generator=generator) < rate))
+    rows = torch.arange(b)[:, None].expand(b, n)
+    out = torch.full_like(ids, pad_id)
+    out[rows[keep], keep.long().cumsum(1)[keep] - 1] = ids[keep]  # each kept token moves to its rank in its row
+    return out, keep.sum(1)
 
 
 class MovingAverage:
@@ -344,16 +363,21 @@ def fit(config: RunConfig, tokenizer: Tokenizer, train_items: list[ImageCaptions
             epoch_start = tick
             for _ in range(done, steps_per_epoch):
                 micro_batches = []
+                # seeded by step and rank, so a resumed run drops the words the interrupted one would have
+                words = torch.Generator().manual_seed((tc.seed * 1_000_003 + step) * world.world_size + world.rank)
                 for images, ids, lengths, failures in [next(batches) for _ in range(tc.accum_steps)]:
                     for message in failures:
                         replaced += 1
                         replaced_this_epoch += 1
                         callbacks.on_replaced_sample(message, replaced)
+                    if tc.token_dropout:
+                        ids, lengths = drop_tokens(ids, lengths, tc.token_dropout, words, tokenizer.pad_id)
                     micro_batches.append(batch_to_device(images, ids, lengths, device, config))
                 for group in optimizer.param_groups:
                     group["lr"] = learning_rate(step, total_steps, tc.lr, warmup)
                 optimizer.zero_grad(set_to_none=True)
-                losses.append(global_batch_backward(net, model, micro_batches, world.world_size, autocast, tc.positives))
+                losses.append(global_batch_backward(net, model, micro_batches, world.world_size, autocast, tc.positives,
+                                                    tc.loss))
                 optimizer.step()
                 if average:
                     average.update(model, step)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from miniclip_cli.config import ModelConfig, tiny_model_config
-from miniclip_cli.loss import clip_loss
+from miniclip_cli.loss import clip_loss, siglip_loss
 from miniclip_cli.metrics import match3_top1, retrieval_metrics, zero_shot_metrics
 from miniclip_cli.model import MiniCLIP, count_parameters
 
@@ -82,6 +82,22 @@ def test_one_positive_is_the_plain_loss():
     text_features = F.normalize(torch.randn(4, 8), dim=-1)
     assert math.isclose(clip_loss(image_features, text_features, torch.tensor(5.0), positives=1).item(),
                         reference_loss(image_features, text_features, 5.0), rel_tol=1e-5)
+
+
+def test_sigmoid_loss_hand_computed():
+    torch.manual_seed(4)
+    b, k, scale, bias = 3, 2, 10.0, -4.0
+    image_features = F.normalize(torch.randn(b, 8), dim=-1)
+    text_features = F.normalize(torch.randn(b * k, 8), dim=-1)
+    total = 0.0
+    for i in range(b):
+        for t in range(b * k):
+            logit = scale * float(image_features[i] @ text_features[t]) + bias
+            label = 1.0 if t // k == i else 0.0  # caption t belongs to image t // k
+            p = 1 / (1 + math.exp(-logit))
+            total -= label * math.log(p) + (1 - label) * math.log(1 - p)
+    got = siglip_loss(image_features, text_features, torch.tensor(scale), torch.tensor(bias), positives=k)
+    assert math.isclose(got.item(), total / b, rel_tol=1e-5)
 
 
 def test_loss_is_low_for_matching_pairs():

@@ -23,7 +23,7 @@ from miniclip_cli.data.layouts import load_caption_set
 from miniclip_cli.errors import ConfigError
 from miniclip_cli.model import MiniCLIP
 from miniclip_cli.tokenizer import train_tokenizer
-from miniclip_cli.train import Collate
+from miniclip_cli.train import Collate, drop_tokens
 
 from .conftest import json_of, run_cli
 
@@ -120,6 +120,48 @@ def test_train_with_crops_cut_on_the_device(runner, tiny_dataset, tmp_path, monk
     assert payload["steps"] > 0 and payload["last"]["train_loss"] > 0
     result = run_cli(runner, *common, "--out", tmp_path / "run2", "--no-cache", "--set", "train.augment=device", code=3)
     assert "drop --no-cache" in result.output
+
+
+def test_drop_tokens_deletes_words_only_and_closes_up():
+    pad = 0
+    ids = torch.tensor([[1, 5, 6, 7, 8, 2, pad], [1, 9, 2, pad, pad, pad, pad]])  # <start>=1 ... <end>=2
+    lengths = torch.tensor([6, 3])
+    same, same_lengths = drop_tokens(ids, lengths, 0.0, torch.Generator().manual_seed(0), pad)
+    assert torch.equal(same, ids) and torch.equal(same_lengths, lengths)
+    for seed in range(20):
+        out, out_lengths = drop_tokens(ids, lengths, 0.5, torch.Generator().manual_seed(seed), pad)
+        for row in range(2):
+            n = int(out_lengths[row])
+            kept = out[row, :n].tolist()
+            assert kept[0] == 1 and kept[-1] == 2 and (out[row, n:] == pad).all()
+            words = ids[row, 1 : int(lengths[row]) - 1].tolist()
+            it = iter(words)  # the kept words are a subsequence of the caption's, in order
+            assert all(word in it for word in kept[1:-1])
+    everything, shortest = drop_tokens(ids, lengths, 0.999, torch.Generator().manual_seed(0), pad)
+    assert shortest.tolist() == [2, 2] and everything[:, :2].tolist() == [[1, 2], [1, 2]]
+
+
+def test_sigmoid_loss_needs_its_bias():
+    with pytest.raises(ConfigError, match="init_logit_bias=-10"):
+        apply_overrides(RunConfig(), ["train.loss=siglip"])
+    with pytest.raises(ConfigError, match="token_dropout"):
+        apply_overrides(RunConfig(), ["train.token_dropout=1.5"])
+    config = apply_overrides(RunConfig(), ["train.loss=siglip", "model.init_logit_bias=-10"])
+    assert MiniCLIP(config.model).logit_bias.item() == -10.0
+    assert MiniCLIP(RunConfig().model).logit_bias is None  # the softmax loss's models keep their old weights
+
+
+def test_train_with_sigmoid_loss_and_token_dropout(runner, tiny_dataset, tmp_path):
+    run = tmp_path / "run"
+    payload = json_of(run_cli(runner, "train", "--data", tiny_dataset, "--out", run, "--preset", "tiny",
+                              "--epochs", 2, "--batch-size", 8, "--workers", 0, "--vocab-size", 300,
+                              "--set", "train.loss=siglip", "--set", "model.init_logit_bias=-10",
+                              "--set", "train.token_dropout=0.2", "--json"))
+    assert payload["steps"] > 0 and payload["last"]["train_loss"] > 0
+    model, _, _ = load_run(run, "last")
+    assert model.logit_bias is not None and model.logit_bias.item() != -10.0  # the bias was trained
+    result = json_of(run_cli(runner, "eval", run, "--split", "all", "--json"))
+    assert 0.0 <= result["match3_top1"] <= 100.0
 
 
 @pytest.mark.slow
