@@ -27,7 +27,7 @@ def test_shapes_and_unit_norm():
     assert image_features.shape == text_features.shape == (3, 32)
     assert torch.allclose(image_features.norm(dim=-1), torch.ones(3), atol=1e-5)
     assert torch.allclose(text_features.norm(dim=-1), torch.ones(3), atol=1e-5)
-    assert math.isclose(scale.item(), 1 / 0.07, rel_tol=1e-5)
+    assert math.isclose(scale.item(), 1 / model.config.init_temperature, rel_tol=1e-5)
 
 
 def test_padding_does_not_change_text_features():

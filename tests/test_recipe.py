@@ -70,7 +70,7 @@ def test_conv_stem_keeps_the_token_grid():
 
 def test_presets_and_overrides():
     model, train = preset_configs("reference")
-    assert (model.stem, train.positives, train.epochs) == ("linear", 1, 30)
+    assert (model.stem, model.init_temperature, train.positives, train.epochs) == ("linear", 0.07, 1, 30)
     config = apply_overrides(RunConfig(model=tiny_model_config(), train=TrainConfig()),
                              ["train.positives=3", "model.stem=conv", "train.crop_scale=[0.3, 1.0]"])
     assert (config.train.positives, config.model.stem, config.train.crop_scale) == (3, "conv", (0.3, 1.0))
