@@ -35,6 +35,8 @@ class ModelConfig:
     mlp_ratio: int = 4  # MLP hidden = 4 x width = 1024 at the default width
     embed_dim: int = 256  # the shared image-text space
     dropout: float = 0.0
+    vision_pool: str = "token"  # the image feature: "token", the class token's output; "mean", the patches' mean
+    text_pool: str = "token"  # the caption feature: "token", the end token's output; "mean", all its tokens' mean
     # CLIP starts at 0.07 and learns it down to 0.01 over hundreds of thousands of steps; in Flickr8k's ~1,400
     # steps it barely moves (0.0705 after 30 epochs), so the start is the temperature trained with. 0.03 gave
     # higher dev recall than 0.07 at 6 and at 30 epochs (README, issue 7).
@@ -66,6 +68,9 @@ class ModelConfig:
                 raise ConfigError(f"model setting {name} must be at least 1, got {getattr(self, name)}")
         if self.context_length < 3:
             raise ConfigError("context_length must be at least 3 (start token, one token, end token)")
+        for name in ("vision_pool", "text_pool"):
+            if getattr(self, name) not in ("token", "mean"):
+                raise ConfigError(f"{name} must be 'token' or 'mean', got {getattr(self, name)!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
 

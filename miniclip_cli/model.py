@@ -81,6 +81,7 @@ class VisionTransformer(nn.Module):
         )
         self.ln_post = nn.LayerNorm(c.vision_width)
         self.proj = nn.Linear(c.vision_width, c.embed_dim, bias=False)
+        self.pool = c.vision_pool
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(images)  # b d h w
@@ -90,7 +91,9 @@ class VisionTransformer(nn.Module):
         x = self.ln_pre(x)
         for block in self.blocks:
             x = block(x)
-        return self.proj(self.ln_post(x[:, 0]))  # the class token's output: b embed_dim
+        x = self.ln_post(x)
+        pooled = x[:, 1:].mean(dim=1) if self.pool == "mean" else x[:, 0]  # the patches' mean or the class token
+        return self.proj(pooled)  # b embed_dim
 
 
 class TextTransformer(nn.Module):
@@ -104,6 +107,7 @@ class TextTransformer(nn.Module):
         self.ln_final = nn.LayerNorm(c.text_width)
         self.proj = nn.Linear(c.text_width, c.embed_dim, bias=False)
         nn.init.normal_(self.token_embed.weight, std=0.02)
+        self.pool = c.text_pool
 
     def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """tokens: b n (n <= context_length, padded after the end token); lengths: b, tokens up to and
@@ -114,8 +118,12 @@ class TextTransformer(nn.Module):
         for block in self.blocks:
             x = block(x, causal=True)
         x = self.ln_final(x)
-        end = x[torch.arange(x.shape[0], device=x.device), lengths - 1]  # b d: the end token's output
-        return self.proj(end)
+        if self.pool == "mean":  # the mean over the caption's own tokens, start and end included
+            mask = (torch.arange(n, device=x.device) < lengths[:, None]).to(x.dtype)  # b n
+            pooled = (x * mask[..., None]).sum(dim=1) / lengths[:, None].to(x.dtype)
+        else:
+            pooled = x[torch.arange(x.shape[0], device=x.device), lengths - 1]  # b d: the end token's output
+        return self.proj(pooled)
 
 
 class MiniCLIP(nn.Module):

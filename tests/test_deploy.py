@@ -156,3 +156,14 @@ def test_bench_train_needs_enough_pairs(runner, tiny_dataset):
     result = run_cli(runner, "bench-train", "--data", tiny_dataset, "--preset", "tiny", "--batch-size", 64,
                      "--steps", 5, "--vocab-size", 300, code=3)
     assert "lower --batch-size" in result.output
+
+
+def test_mean_pooled_model_exports_like_pytorch(runner, tiny_dataset, tmp_path):
+    """model.vision_pool=mean and text_pool=mean survive ONNX export: the text mask is built from lengths."""
+    run = tmp_path / "mean"
+    run_cli(runner, "train", "--data", tiny_dataset, "--out", run, "--preset", "tiny", "--epochs", 1, "--batch-size", 8,
+            "--workers", 0, "--vocab-size", 300, "--set", "model.vision_pool=mean", "--set", "model.text_pool=mean")
+    run_cli(runner, "quantize", run)
+    checks = json.loads((run / "onnx" / "metadata.json").read_text())["checks"]
+    assert checks["fp32_vs_torch"]["image"]["max_abs_diff"] < 1e-4
+    assert checks["fp32_vs_torch"]["text"]["max_abs_diff"] < 1e-4

@@ -41,6 +41,45 @@ def test_padding_does_not_change_text_features():
     assert torch.allclose(short, full, atol=1e-6)
 
 
+def test_mean_pooling_averages_the_caption_and_the_patches():
+    """model.text_pool=mean: the mean of the caption's own token outputs, padding left out; vision_pool=mean:
+    the mean of the patch outputs, the class token left out. Both checked against the towers' token outputs."""
+    torch.manual_seed(0)
+    config = tiny_model_config(100)
+    config.text_pool = config.vision_pool = "mean"
+    model = MiniCLIP(config).eval()
+    tokens = torch.randint(3, 100, (2, 6))
+    lengths = torch.tensor([6, 4])
+    padded = torch.cat([tokens, torch.zeros(2, 26, dtype=torch.long)], dim=1)
+    assert torch.allclose(model.encode_text(tokens, lengths), model.encode_text(padded, lengths), atol=1e-6)
+
+    text = model.text
+    x = text.token_embed(tokens) + text.positions[:6]
+    for block in text.blocks:
+        x = block(x, causal=True)
+    x = text.ln_final(x)
+    expected = torch.stack([x[0, :6].mean(0), x[1, :4].mean(0)])
+    assert torch.allclose(text(tokens, lengths), text.proj(expected), atol=1e-6)
+
+    images = torch.randn(2, 3, 32, 32)
+    visual = model.visual
+    patches = visual.patch_embed(images).flatten(2).transpose(1, 2)
+    y = torch.cat([visual.class_token.expand(2, 1, -1), patches], dim=1) + visual.positions
+    y = visual.ln_pre(y)
+    for block in visual.blocks:
+        y = block(y)
+    y = visual.ln_post(y)
+    assert torch.allclose(visual(images), visual.proj(y[:, 1:].mean(1)), atol=1e-6)
+    assert not torch.allclose(visual(images), visual.proj(y[:, 0]), atol=1e-3)
+
+
+def test_pooling_setting_is_checked():
+    from miniclip_cli.config import ConfigError
+
+    with pytest.raises(ConfigError, match="text_pool must be 'token' or 'mean'"):
+        MiniCLIP(ModelConfig(text_pool="max"))
+
+
 def reference_loss(image_features, text_features, scale):
     """The CLIP paper's pseudo-code, written out loop by loop."""
     n = image_features.shape[0]
