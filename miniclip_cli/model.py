@@ -91,9 +91,9 @@ class VisionTransformer(nn.Module):
         x = self.ln_pre(x)
         for block in self.blocks:
             x = block(x)
-        x = self.ln_post(x)
-        pooled = x[:, 1:].mean(dim=1) if self.pool == "mean" else x[:, 0]  # the patches' mean or the class token
-        return self.proj(pooled)  # b embed_dim
+        if self.pool == "mean":  # the patches' mean; the class token alone needs no norm over every token
+            return self.proj(self.ln_post(x)[:, 1:].mean(dim=1))
+        return self.proj(self.ln_post(x[:, 0]))  # the class token's output: b embed_dim
 
 
 class TextTransformer(nn.Module):
