@@ -12,6 +12,7 @@ from ..errors import ConfigError, DataError, MiniclipError
 from ..runtime import open_encoder
 from ..ui import charts, tables
 from ..ui.console import err, out
+from ..ui.console import error as show_error
 from . import command
 from .common import Backend, Checkpoint, Device, JsonFlag, print_json
 
@@ -110,6 +111,6 @@ def _interactive(score, show, fixed_captions: list[str], json_out: bool) -> None
         try:
             result = score(Path(path_text).expanduser(), _check_captions(texts))
         except MiniclipError as error:  # a bad path or too few captions: say so and ask again
-            err.print(f"[bold red]error:[/] {error}")
+            show_error(str(error))
             continue
         print_json(result) if json_out else show(result)

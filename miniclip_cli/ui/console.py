@@ -1,6 +1,10 @@
 """The two consoles: results on stdout, progress, warnings and errors on stderr (so --json stays clean)."""
 
 from rich.console import Console
+from rich.markup import escape
+
+# Messages are plain text: escape() keeps their brackets (pip install 'miniclip[distill]', crop_scale [0.3, 1.0],
+# a file named data[1].txt) from being read as Rich markup and dropped.
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
@@ -8,7 +12,7 @@ _speaker = {"prefix": ""}
 
 
 def warn(message: str) -> None:
-    err.print(f"[yellow]warning:[/] {message}", soft_wrap=True)
+    err.print(f"[yellow]warning:[/] {escape(message)}", soft_wrap=True)
 
 
 def info(message: str) -> None:
@@ -25,6 +29,6 @@ def only_rank_zero_speaks(rank: int) -> None:
 def error(message: str) -> None:
     quiet, err.quiet = err.quiet, False
     try:
-        err.print(f"{_speaker['prefix']}[bold red]error:[/] {message}", soft_wrap=True)
+        err.print(f"{_speaker['prefix']}[bold red]error:[/] {escape(message)}", soft_wrap=True)
     finally:
         err.quiet = quiet
