@@ -151,7 +151,7 @@ def bench_training(items, tokenizer, config, device, steps: int = 5, warmup: int
     def batches(pad_to: str):
         out = []
         for batch in raw:
-            images, ids, lengths, _ = collate(batch)
+            images, ids, lengths, _, _ = collate(batch)
             if pad_to == "max":
                 full = torch.full((len(ids), context), tokenizer.pad_id, dtype=ids.dtype)
                 full[:, : ids.shape[1]] = ids

@@ -98,6 +98,9 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model: ~2x on a GPU, but its compile time outweighs short CPU runs
     loss: str = "clip"  # "clip": softmax InfoNCE (loss.clip_loss); "siglip": sigmoid pairs (loss.siglip_loss)
     token_dropout: float = 0.0  # chance that a caption word is deleted at training time (train.drop_tokens)
+    # weight of a caption-similarity loss taught by a sentence-embedding model (teacher.py, loss.distill_loss);
+    # 0: none. Optional and off by default: it needs `pip install 'miniclip[distill]'`.
+    distill: float = 0.0
 
     def validate(self) -> None:
         if self.epochs < 1:
@@ -123,6 +126,8 @@ class TrainConfig:
             raise ConfigError(f"train.loss must be clip or siglip, got {self.loss!r}")
         if not 0.0 <= self.token_dropout < 1.0:
             raise ConfigError(f"train.token_dropout is a probability in [0, 1), e.g. 0.1; got {self.token_dropout}")
+        if not self.distill >= 0.0:
+            raise ConfigError(f"train.distill is a loss weight, 0 or more (0: off, e.g. 1.0); got {self.distill}")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"--precision must be auto, fp32 or bf16, got {self.precision!r}")
         lo, hi = self.crop_scale

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,9 +21,10 @@ from .data.shards import ShardSet
 from .device import autocast_dtype
 from .errors import ConfigError
 from .evaluate import evaluate_retrieval
-from .loss import clip_loss, gather_features, siglip_loss
+from .loss import clip_loss, distill_loss, gather_features, siglip_loss
 from .model import MiniCLIP
 from .runtime import TorchEncoder
+from .teacher import CaptionTeacher
 from .tokenizer import Tokenizer
 
 
@@ -53,10 +54,12 @@ class TrainingInterrupted(Exception):
 @dataclass
 class Collate:
     """Stacks images and tokenises a batch's captions, padded to the batch's longest caption; passes on the
-    messages of the samples PairDataset had to replace or ShardDataset had to skip."""
+    messages of the samples PairDataset had to replace or ShardDataset had to skip. With a `teacher`
+    (train.distill) the last item is its embeddings of the captions, else None."""
 
     tokenizer: Tokenizer
     context_length: int
+    teacher: Callable[[list[str]], torch.Tensor] | None = None
 
     def __call__(self, batch):
         images, captions, failures = zip(*batch)
@@ -68,7 +71,8 @@ class Collate:
         # (b k) captions, image by image, when each sample brings k (TrainConfig.positives)
         captions = [c for sample in captions for c in ((sample,) if isinstance(sample, str) else sample)]
         ids, lengths = self.tokenizer.encode(captions, self.context_length)
-        return images, torch.from_numpy(ids), torch.from_numpy(lengths), [m for f in failures for m in f]
+        taught = self.teacher(captions) if self.teacher else None
+        return images, torch.from_numpy(ids), torch.from_numpy(lengths), [m for f in failures for m in f], taught
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -126,7 +130,8 @@ def scale_gradient(x: torch.Tensor, factor: float) -> torch.Tensor:
 
 
 def global_batch_backward(net: torch.nn.Module, model: MiniCLIP, micro_batches: list[tuple], world_size: int,
-                          autocast, positives: int = 1, loss: str = "clip") -> float:
+                          autocast, positives: int = 1, loss: str = "clip", distill: float = 0.0,
+                          taught: list[torch.Tensor] | None = None) -> float:
     """Forward and backward for one optimizer step over this process's K micro-batches, with every micro-batch
     of every process as negatives; leaves the gradients of one loss over the global batch (W processes x K x b
     pairs) in the parameters' .grad and returns that loss. `net` is `model` or its DistributedDataParallel.
@@ -145,8 +150,13 @@ def global_batch_backward(net: torch.nn.Module, model: MiniCLIP, micro_batches: 
       logit scale (and the sigmoid loss's bias): it enters each loss directly and gets its full gradient from every backward, so only the
         last micro-batch keeps its gradient (the last, because DDP synchronises there and needs a gradient
         for every parameter); DDP's average of W equal gradients is that gradient.
+
+    `distill` > 0 adds that weight times loss.distill_loss between each micro-batch's caption features and the
+    teacher's embeddings `taught` (one tensor per micro-batch). It is local to a micro-batch: each adds 1/K of
+    its own, unscaled, and DDP's average over processes makes the whole the mean over all micro-batches. The
+    value returned includes it.
     """
-    k = len(micro_batches)
+    k, distilled = len(micro_batches), 0.0
     cached: list[tuple[torch.Tensor, torch.Tensor]] = []
     if k > 1:
         with torch.no_grad(), autocast():
@@ -160,6 +170,7 @@ def global_batch_backward(net: torch.nn.Module, model: MiniCLIP, micro_batches: 
         with sync:
             with autocast():
                 image_features, text_features, scale = net(images, ids, lengths)
+            local_texts = text_features.float()
             bias = model.logit_bias
             if not last:
                 scale, bias = scale.detach(), bias if bias is None else bias.detach()
@@ -172,8 +183,13 @@ def global_batch_backward(net: torch.nn.Module, model: MiniCLIP, micro_batches: 
             features = gather_features(torch.cat(all_images), torch.cat(all_texts))
             value = (siglip_loss(*features, scale, bias, positives) if loss == "siglip"
                      else clip_loss(*features, scale, positives))
-            value.backward()
-    return value.item()
+            if distill:
+                taught_loss = distill * distill_loss(local_texts, taught[j]) / k
+                (value + taught_loss).backward()
+                distilled += taught_loss.item()
+            else:
+                value.backward()
+    return value.item() + distilled
 
 
 def drop_tokens(ids: torch.Tensor, lengths: torch.Tensor, rate: float, generator: torch.Generator,
@@ -307,8 +323,9 @@ def fit(config: RunConfig, tokenizer: Tokenizer, train_items: list[ImageCaptions
     model = MiniCLIP(config.model).to(device)
     optimizer = torch.optim.AdamW(parameter_groups(model, tc.weight_decay), lr=tc.lr, betas=(0.9, 0.98), eps=1e-6)
     workers = pick_workers(config, device)
-    data = _TrainingData(config, train_items, world, Collate(tokenizer, config.model.context_length), workers, device,
-                         callbacks)
+    teacher = CaptionTeacher() if tc.distill else None
+    data = _TrainingData(config, train_items, world, Collate(tokenizer, config.model.context_length, teacher), workers,
+                         device, callbacks)
     steps_per_epoch = data.steps_per_epoch
     total_steps = tc.epochs * steps_per_epoch
     warmup = max(1, int(tc.warmup_fraction * total_steps))
@@ -362,10 +379,10 @@ def fit(config: RunConfig, tokenizer: Tokenizer, train_items: list[ImageCaptions
             tick, replaced_this_epoch = time.perf_counter(), 0
             epoch_start = tick
             for _ in range(done, steps_per_epoch):
-                micro_batches = []
+                micro_batches, taught = [], []
                 # seeded by step and rank, so a resumed run drops the words the interrupted one would have
                 words = torch.Generator().manual_seed((tc.seed * 1_000_003 + step) * world.world_size + world.rank)
-                for images, ids, lengths, failures in [next(batches) for _ in range(tc.accum_steps)]:
+                for images, ids, lengths, failures, teacher_features in [next(batches) for _ in range(tc.accum_steps)]:
                     for message in failures:
                         replaced += 1
                         replaced_this_epoch += 1
@@ -373,11 +390,12 @@ def fit(config: RunConfig, tokenizer: Tokenizer, train_items: list[ImageCaptions
                     if tc.token_dropout:
                         ids, lengths = drop_tokens(ids, lengths, tc.token_dropout, words, tokenizer.pad_id)
                     micro_batches.append(batch_to_device(images, ids, lengths, device, config))
+                    taught.append(teacher_features)
                 for group in optimizer.param_groups:
                     group["lr"] = learning_rate(step, total_steps, tc.lr, warmup)
                 optimizer.zero_grad(set_to_none=True)
                 losses.append(global_batch_backward(net, model, micro_batches, world.world_size, autocast, tc.positives,
-                                                    tc.loss))
+                                                    tc.loss, tc.distill, taught))
                 optimizer.step()
                 if average:
                     average.update(model, step)

@@ -49,8 +49,9 @@ def test_collate_puts_an_images_captions_together(tiny_dataset):
     dataset = PairDataset(items, 32, (0.5,) * 3, (0.5,) * 3, (0.5, 1.0), "one", seed=0, positives=2)
     tokenizer = train_tokenizer([c for item in items for c in item.captions], 300)
     samples = [dataset[i] for i in range(4)]
-    images, ids, lengths, failures = Collate(tokenizer, 32)(samples)
+    images, ids, lengths, failures, taught = Collate(tokenizer, 32)(samples)
     assert images.shape == (4, 3, 32, 32) and ids.shape[0] == lengths.shape[0] == 8 and not failures
+    assert taught is None  # no teacher unless train.distill
     for i, (_, captions, _) in enumerate(samples):
         assert len(set(captions)) == 2 and set(captions) <= set(items[i].captions)
         for j, caption in enumerate(captions):  # rows 2i and 2i+1 are image i's captions, in order
