@@ -101,8 +101,6 @@ class TrainConfig:
     # weight of a caption-similarity loss taught by a sentence-embedding model (teacher.py, loss.distill_loss);
     # 0: none. Optional and off by default: it needs `pip install 'miniclip[distill]'`.
     distill: float = 0.0
-    # share of each contrastive target given to the captions that teacher finds alike (loss.clip_loss); 0: none
-    soft_targets: float = 0.0
 
     def validate(self) -> None:
         if self.epochs < 1:
@@ -130,10 +128,6 @@ class TrainConfig:
             raise ConfigError(f"train.token_dropout is a probability in [0, 1), e.g. 0.1; got {self.token_dropout}")
         if not self.distill >= 0.0:
             raise ConfigError(f"train.distill is a loss weight, 0 or more (0: off, e.g. 1.0); got {self.distill}")
-        if not 0.0 <= self.soft_targets < 1.0:
-            raise ConfigError(f"train.soft_targets is a share of each target in [0, 1) (0: off, e.g. 0.2); got {self.soft_targets}")
-        if self.soft_targets and self.loss != "clip":
-            raise ConfigError("train.soft_targets shapes the targets of the softmax loss; use it with train.loss=clip")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"--precision must be auto, fp32 or bf16, got {self.precision!r}")
         lo, hi = self.crop_scale

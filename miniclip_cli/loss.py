@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 
 def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
-              positives: int = 1, neighbours: torch.Tensor | None = None, share: float = 0.0) -> torch.Tensor:
+              positives: int = 1) -> torch.Tensor:
     """image_features: b d; text_features: (b k) d with k = `positives`, rows [i k, (i + 1) k) being image i's
     captions; all unit length.
 
@@ -17,23 +17,10 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
     image among the batch's images. With k > 1 every one of an image's captions is a positive of it, never a
     negative: the image's target is spread evenly over its k captions (a multi-positive loss), so a batch
     uses k captions per image at the cost of one image.
-
-    Soft targets (train.soft_targets): `neighbours` is a teacher's distribution over the batch's other captions
-    for each caption, (b k) (b k), rows summing to 1 (loss.teacher_neighbours). A `share` of every target then
-    moves from the pair itself to what the teacher finds alike: a caption's target over images gives `share`
-    to the images of its neighbour captions, an image's target over captions gives it to its captions'
-    neighbours. Flickr8k has many near-identical pairs ("a dog runs through the grass") that one-hot targets
-    push apart as negatives.
     """
     logits = logit_scale * image_features.float() @ text_features.float().T  # b (b k)
     images = torch.arange(logits.shape[0], device=logits.device)
     owner = images.repeat_interleave(positives)  # (b k): each caption's image
-    if neighbours is not None and share:
-        own = (owner[None, :] == images[:, None]).float()  # b (b k)
-        neighbours = neighbours.to(own)
-        image_targets = ((1 - share) * own + share * own @ neighbours) / positives
-        text_targets = (1 - share) * own.T + share * neighbours @ own.T
-        return (F.cross_entropy(logits, image_targets) + F.cross_entropy(logits.T, text_targets)) / 2
     if positives == 1:
         image_loss = F.cross_entropy(logits, images)
     else:
@@ -70,27 +57,16 @@ def distill_loss(text_features: torch.Tensor, teacher_features: torch.Tensor,
     the student's features and from the teacher's; the loss is the mean over captions of KL(teacher ||
     student). Only similarities are matched, so the teacher's width e need not be the model's d, and the
     student stays free to place the captions anywhere its contrastive loss wants them."""
-    return F.kl_div(teacher_neighbours(text_features, temperature),
-                    teacher_neighbours(teacher_features.to(text_features.device), temperature),
+    n = text_features.shape[0]
+    itself = torch.eye(n, dtype=torch.bool, device=text_features.device)
+
+    def log_neighbours(features: torch.Tensor) -> torch.Tensor:
+        features = features.float()
+        # a large negative rather than -inf: KL's 0 x log 0 on the diagonal stays 0 instead of nan
+        return F.log_softmax((features @ features.T / temperature).masked_fill(itself, -1e4), dim=1)
+
+    return F.kl_div(log_neighbours(text_features), log_neighbours(teacher_features.to(text_features.device)),
                     log_target=True, reduction="batchmean")
-
-
-def teacher_neighbours(features: torch.Tensor, temperature: float = DISTILL_TEMPERATURE) -> torch.Tensor:
-    """n d, rows unit length -> n n: for each row, the log of softmax(cosine / temperature) over the other
-    rows. The diagonal gets a large negative log rather than -inf, so KL's 0 x log 0 there stays 0, not nan."""
-    features = features.float()
-    itself = torch.eye(len(features), dtype=torch.bool, device=features.device)
-    return F.log_softmax((features @ features.T / temperature).masked_fill(itself, -1e4), dim=1)
-
-
-def gather_all(tensor: torch.Tensor) -> torch.Tensor:
-    """Every process's `tensor`, concatenated in rank order along the first dimension, without gradient (the
-    teacher's caption embeddings for soft targets); unchanged outside a process group or in a group of one."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return tensor
-    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, tensor.contiguous())
-    return torch.cat(parts)
 
 
 def gather_features(image_features: torch.Tensor, text_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

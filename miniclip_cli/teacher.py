@@ -26,8 +26,8 @@ class CaptionTeacher:
         try:
             import wordllama
         except ImportError:
-            raise ConfigError(f"train.distill and train.soft_targets need the WordLlama caption teacher: "
-                              f"{INSTALL}, or set them to 0") from None
+            raise ConfigError(f"train.distill needs the WordLlama caption teacher: {INSTALL}, or set "
+                              "train.distill=0") from None
         finally:  # wordllama's import calls logging.basicConfig; the CLI's output stays ours
             root.handlers[:], root.level = handlers, level
         from safetensors import safe_open
@@ -41,7 +41,7 @@ class CaptionTeacher:
         for path in (tokenizer_file, weights_file):
             if not path.is_file():
                 raise ConfigError(f"{path}: missing from the installed wordllama; reinstall it ({INSTALL}) "
-                                  "or set train.distill and train.soft_targets to 0")
+                                  "or set train.distill=0")
         with safe_open(str(weights_file), framework="np") as f:
             embedding = f.get_tensor("embedding.weight")
         self.model = wordllama.WordLlamaInference(embedding, Tokenizer.from_file(str(tokenizer_file)))

@@ -21,7 +21,7 @@ from .data.shards import ShardSet
 from .device import autocast_dtype
 from .errors import ConfigError
 from .evaluate import evaluate_retrieval
-from .loss import clip_loss, distill_loss, gather_all, gather_features, siglip_loss, teacher_neighbours
+from .loss import clip_loss, distill_loss, gather_features, siglip_loss
 from .model import MiniCLIP
 from .runtime import TorchEncoder
 from .teacher import CaptionTeacher
@@ -131,7 +131,7 @@ def scale_gradient(x: torch.Tensor, factor: float) -> torch.Tensor:
 
 def global_batch_backward(net: torch.nn.Module, model: MiniCLIP, micro_batches: list[tuple], world_size: int,
                           autocast, positives: int = 1, loss: str = "clip", distill: float = 0.0,
-                          taught: list[torch.Tensor] | None = None, soft_targets: float = 0.0) -> float:
+                          taught: list[torch.Tensor] | None = None) -> float:
     """Forward and backward for one optimizer step over this process's K micro-batches, with every micro-batch
     of every process as negatives; leaves the gradients of one loss over the global batch (W processes x K x b
     pairs) in the parameters' .grad and returns that loss. `net` is `model` or its DistributedDataParallel.
@@ -155,15 +155,8 @@ def global_batch_backward(net: torch.nn.Module, model: MiniCLIP, micro_batches: 
     teacher's embeddings `taught` (one tensor per micro-batch). It is local to a micro-batch: each adds 1/K of
     its own, unscaled, and DDP's average over processes makes the whole the mean over all micro-batches. The
     value returned includes it.
-
-    `soft_targets` > 0 gives that share of the contrastive targets to the captions the teacher finds alike
-    (loss.clip_loss), over the global batch: the teacher's embeddings of every micro-batch and process.
     """
     k, distilled = len(micro_batches), 0.0
-    neighbours = None
-    if soft_targets:
-        device = micro_batches[0][1].device
-        neighbours = teacher_neighbours(gather_all(torch.cat([t.to(device) for t in taught]))).exp()
     cached: list[tuple[torch.Tensor, torch.Tensor]] = []
     if k > 1:
         with torch.no_grad(), autocast():
@@ -189,7 +182,7 @@ def global_batch_backward(net: torch.nn.Module, model: MiniCLIP, micro_batches: 
             # bf16 would round them.
             features = gather_features(torch.cat(all_images), torch.cat(all_texts))
             value = (siglip_loss(*features, scale, bias, positives) if loss == "siglip"
-                     else clip_loss(*features, scale, positives, neighbours, soft_targets))
+                     else clip_loss(*features, scale, positives))
             if distill:
                 taught_loss = distill * distill_loss(local_texts, taught[j]) / k
                 (value + taught_loss).backward()
@@ -330,7 +323,7 @@ def fit(config: RunConfig, tokenizer: Tokenizer, train_items: list[ImageCaptions
     model = MiniCLIP(config.model).to(device)
     optimizer = torch.optim.AdamW(parameter_groups(model, tc.weight_decay), lr=tc.lr, betas=(0.9, 0.98), eps=1e-6)
     workers = pick_workers(config, device)
-    teacher = CaptionTeacher() if tc.distill or tc.soft_targets else None
+    teacher = CaptionTeacher() if tc.distill else None
     data = _TrainingData(config, train_items, world, Collate(tokenizer, config.model.context_length, teacher), workers,
                          device, callbacks)
     steps_per_epoch = data.steps_per_epoch
@@ -402,7 +395,7 @@ def fit(config: RunConfig, tokenizer: Tokenizer, train_items: list[ImageCaptions
                     group["lr"] = learning_rate(step, total_steps, tc.lr, warmup)
                 optimizer.zero_grad(set_to_none=True)
                 losses.append(global_batch_backward(net, model, micro_batches, world.world_size, autocast, tc.positives,
-                                                    tc.loss, tc.distill, taught, tc.soft_targets))
+                                                    tc.loss, tc.distill, taught))
                 optimizer.step()
                 if average:
                     average.update(model, step)

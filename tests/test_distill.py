@@ -1,5 +1,4 @@
-"""train.distill and train.soft_targets: the caption-similarity loss, the teacher's soft contrastive targets,
-the WordLlama teacher, and training with them."""
+"""train.distill: the caption-similarity loss, the WordLlama teacher, and training with both."""
 
 from __future__ import annotations
 
@@ -12,7 +11,7 @@ import torch.nn.functional as F
 
 from miniclip_cli.config import RunConfig, apply_overrides
 from miniclip_cli.errors import ConfigError
-from miniclip_cli.loss import clip_loss, distill_loss, teacher_neighbours
+from miniclip_cli.loss import distill_loss
 
 from .conftest import json_of, run_cli
 
@@ -49,37 +48,6 @@ def test_distill_weight_is_checked():
     assert RunConfig().train.distill == 0.0  # off by default: the default recipe needs no teacher
 
 
-def test_soft_targets_match_a_hand_computation():
-    b, k, share, scale = 3, 2, 0.3, 4.0
-    images, texts, teacher = _unit(b, 8, seed=7), _unit(b * k, 8, seed=8), _unit(b * k, 12, seed=9)
-    near = teacher_neighbours(teacher).exp()
-    assert torch.allclose(near.sum(1), torch.ones(b * k)) and near.diagonal().max() < 1e-6
-    logits = scale * images @ texts.T
-    owner = [c // k for c in range(b * k)]
-    want = 0.0
-    for i in range(b):  # an image's target: its own captions, and `share` of it their teacher neighbours
-        target = [((1 - share) * (owner[c] == i) + share * sum(near[m, c] for m in range(b * k) if owner[m] == i)) / k
-                  for c in range(b * k)]
-        want -= sum(t * F.log_softmax(logits[i], 0)[c] for c, t in enumerate(target)) / b / 2
-    for c in range(b * k):  # a caption's target: its image, and `share` of it its neighbours' images
-        target = [(1 - share) * (owner[c] == i) + share * sum(near[c, m] for m in range(b * k) if owner[m] == i)
-                  for i in range(b)]
-        assert sum(target) == pytest.approx(1.0, abs=1e-5)
-        want -= sum(t * F.log_softmax(logits[:, c], 0)[i] for i, t in enumerate(target)) / (b * k) / 2
-    got = clip_loss(images, texts, torch.tensor(scale), positives=k, neighbours=near, share=share)
-    assert got.item() == pytest.approx(float(want), rel=1e-5)
-    assert clip_loss(images, texts, torch.tensor(scale), k, near, 0.0).item() == pytest.approx(
-        clip_loss(images, texts, torch.tensor(scale), k).item())
-
-
-def test_soft_targets_are_checked():
-    with pytest.raises(ConfigError, match="train.soft_targets"):
-        apply_overrides(RunConfig(), ["train.soft_targets=1"])
-    with pytest.raises(ConfigError, match="train.loss=clip"):
-        apply_overrides(RunConfig(), ["train.soft_targets=0.2", "train.loss=siglip"])
-    assert RunConfig().train.soft_targets == 0.0
-
-
 def test_caption_teacher_puts_paraphrases_together():
     pytest.importorskip("wordllama")
     from miniclip_cli.teacher import CaptionTeacher
@@ -103,9 +71,6 @@ def test_train_with_distillation(runner, tiny_dataset, tmp_path):
     assert taught["last"]["train_loss"] != plain["last"]["train_loss"] and math.isfinite(taught["last"]["train_loss"])
     result = json_of(run_cli(runner, "eval", tmp_path / "taught", "--split", "all", "--json"))
     assert 0.0 <= result["match3_top1"] <= 100.0
-    soft = json_of(run_cli(runner, *common, "--out", tmp_path / "soft", "--set", "train.soft_targets=0.3"))
-    assert soft["steps"] == plain["steps"] and soft["last"]["train_loss"] != plain["last"]["train_loss"]
-    assert math.isfinite(soft["last"]["train_loss"])
 
 
 def test_missing_teacher_is_one_line_exit_3(runner, tiny_dataset, tmp_path, monkeypatch):

@@ -111,10 +111,9 @@ def _gradient_batch(count: int = 8) -> tuple[torch.Tensor, torch.Tensor, torch.T
     return images, ids, torch.full((count,), 6)
 
 
-def _gradients(world_size: int, rank: int, accum_steps: int, soft_targets: float = 0.0) -> dict[str, torch.Tensor]:
+def _gradients(world_size: int, rank: int, accum_steps: int) -> dict[str, torch.Tensor]:
     """The gradients global_batch_backward leaves after one step on _gradient_batch, split over the processes
-    and micro-batches (through DDP when there are several processes); with `soft_targets`, from a made-up
-    teacher's caption embeddings, which every process must gather for the global batch's targets."""
+    and micro-batches (through DDP when there are several processes)."""
     from torch.nn.parallel import DistributedDataParallel
 
     from miniclip_cli.model import MiniCLIP
@@ -126,9 +125,7 @@ def _gradients(world_size: int, rank: int, accum_steps: int, soft_targets: float
     b = len(images) // (world_size * accum_steps)
     chunks = [slice((j * world_size + rank) * b, (j * world_size + rank + 1) * b) for j in range(accum_steps)]
     autocast = lambda: torch.autocast("cpu", enabled=False)
-    teacher = torch.nn.functional.normalize(torch.randn(len(images), 12, generator=torch.Generator().manual_seed(6)), dim=1)
-    global_batch_backward(net, model, [(images[c], ids[c], lengths[c]) for c in chunks], world_size, autocast,
-                          taught=[teacher[c] for c in chunks], soft_targets=soft_targets)
+    global_batch_backward(net, model, [(images[c], ids[c], lengths[c]) for c in chunks], world_size, autocast)
     return {name: p.grad.clone() for name, p in model.named_parameters()}
 
 
@@ -145,10 +142,10 @@ def _rank_main(rank: int, world_size: int, port: int, jobs: list, tokenizer_json
             fit(config, tokenizer, items, [], Path(run), device, callbacks=callbacks)
             if world.is_main:
                 (Path(run) / "step_losses.json").write_text(json.dumps(callbacks.losses))
-        for accum_steps, soft in itertools.product((1, 2), (0.0, 0.5)):
-            gradients = _gradients(world_size, rank, accum_steps, soft)
+        for accum_steps in (1, 2):
+            gradients = _gradients(world_size, rank, accum_steps)
             if world.is_main:
-                save_file(gradients, str(Path(out) / f"gradients-{accum_steps}-{soft}.safetensors"))
+                save_file(gradients, str(Path(out) / f"gradients-{accum_steps}.safetensors"))
     finally:
         distributed.teardown()
 
@@ -181,17 +178,12 @@ def test_two_processes_train_like_one_process_at_the_global_batch(tiny_dataset, 
 
     # Adam all but ignores a constant factor on a gradient, so the gradients are compared too: DDP averages
     # over processes, and a missing x world_size would halve them.
-    # With soft targets, each process needs the teacher's view of the whole global batch.
-    for soft in (0.0, 0.5):
-        expected = _gradients(1, 0, 1, soft)
-        for accum_steps in (1, 2):
-            gradients = load_file(str(tmp_path / f"gradients-{accum_steps}-{soft}.safetensors"))
-            worst = max(((gradients[n] - g).abs().max() / g.abs().max().clamp(min=1e-12)).item()
-                        for n, g in expected.items())
-            print(f"gradients, 2 processes x {accum_steps} micro-batch(es), soft targets {soft}: max difference "
-                  f"{worst:.1e} of the largest")
-            assert worst < 1e-4, (accum_steps, soft)
-    assert (expected["logit_scale"] - _gradients(1, 0, 1)["logit_scale"]).abs().max() > 1e-6  # soft targets count
+    expected = _gradients(1, 0, 1)
+    for accum_steps in (1, 2):
+        gradients = load_file(str(tmp_path / f"gradients-{accum_steps}.safetensors"))
+        worst = max(((gradients[n] - g).abs().max() / g.abs().max().clamp(min=1e-12)).item() for n, g in expected.items())
+        print(f"gradients, 2 processes x {accum_steps} micro-batch(es): max difference {worst:.1e} of the largest")
+        assert worst < 1e-4, accum_steps
 
 
 def test_accumulation_trains_like_the_whole_batch(tiny_dataset, tmp_path):
