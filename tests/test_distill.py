@@ -53,8 +53,8 @@ def test_distill_weight_is_checked():
 
 
 def test_image_distillation_adds_the_image_similarity_loss():
-    """train.distill_images: each image is taught by the mean of its captions' teacher embeddings, and only
-    that term's gradient reaches the vision tower beyond the contrastive loss's."""
+    """train.distill_images: each image is taught by the normalised mean of its captions' teacher embeddings;
+    the loss and every gradient are those of clip_loss plus the weighted distill_loss on the images."""
     torch.manual_seed(0)
     model = MiniCLIP(tiny_model_config(50))
     images, ids, lengths = torch.randn(4, 3, 32, 32), torch.randint(3, 50, (8, 6)), torch.full((8,), 6)
@@ -68,12 +68,12 @@ def test_image_distillation_adds_the_image_similarity_loss():
     assert value == pytest.approx(want.item(), rel=1e-5)
     model.zero_grad()
     want.backward()
-    got = {n: p.grad.clone() for n, p in model.named_parameters()}
+    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
     global_batch_backward(model, model, [(images, ids, lengths)], 1, autocast, positives=2, distill_images=0.5,
                           taught=[taught])
     for name, p in model.named_parameters():
-        assert torch.allclose(p.grad, got[name], atol=1e-6, rtol=1e-4), name
+        assert torch.allclose(p.grad, expected[name], atol=1e-6, rtol=1e-4), name
 
 
 def test_caption_teacher_puts_paraphrases_together():
