@@ -101,9 +101,6 @@ class TrainConfig:
     # weight of a caption-similarity loss taught by a sentence-embedding model (teacher.py, loss.distill_loss);
     # 0: none. Optional and off by default: it needs `pip install 'miniclip[distill]'`.
     distill: float = 0.0
-    # weight of the same teacher's lesson for the vision tower: images whose captions the teacher finds alike
-    # should look alike (each image taught by the mean of its batch captions' embeddings); 0: none
-    distill_images: float = 0.0
 
     def validate(self) -> None:
         if self.epochs < 1:
@@ -131,9 +128,6 @@ class TrainConfig:
             raise ConfigError(f"train.token_dropout is a probability in [0, 1), e.g. 0.1; got {self.token_dropout}")
         if not self.distill >= 0.0:
             raise ConfigError(f"train.distill is a loss weight, 0 or more (0: off, e.g. 1.0); got {self.distill}")
-        if not self.distill_images >= 0.0:
-            raise ConfigError(f"train.distill_images is a loss weight, 0 or more (0: off, e.g. 0.5); got "
-                              f"{self.distill_images}")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"--precision must be auto, fp32 or bf16, got {self.precision!r}")
         lo, hi = self.crop_scale

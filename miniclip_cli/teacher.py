@@ -13,7 +13,6 @@ import torch
 from .errors import ConfigError
 
 INSTALL = "pip install 'miniclip[distill]'"
-OFF = "set train.distill=0 and train.distill_images=0"
 
 
 class CaptionTeacher:
@@ -27,8 +26,8 @@ class CaptionTeacher:
         try:
             import wordllama
         except ImportError:
-            raise ConfigError(f"train.distill and train.distill_images need the WordLlama caption teacher: "
-                              f"{INSTALL}, or {OFF}") from None
+            raise ConfigError(f"train.distill needs the WordLlama caption teacher: {INSTALL}, or set "
+                              "train.distill=0") from None
         finally:  # wordllama's import calls logging.basicConfig; the CLI's output stays ours
             root.handlers[:], root.level = handlers, level
         from safetensors import safe_open
@@ -42,7 +41,7 @@ class CaptionTeacher:
         for path in (tokenizer_file, weights_file):
             if not path.is_file():
                 raise ConfigError(f"{path}: missing from the installed wordllama; reinstall it ({INSTALL}) "
-                                  f"or {OFF}")
+                                  "or set train.distill=0")
         with safe_open(str(weights_file), framework="np") as f:
             embedding = f.get_tensor("embedding.weight")
         self.model = wordllama.WordLlamaInference(embedding, Tokenizer.from_file(str(tokenizer_file)))

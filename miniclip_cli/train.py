@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from . import checkpoint, distributed
@@ -56,7 +55,7 @@ class TrainingInterrupted(Exception):
 class Collate:
     """Stacks images and tokenises a batch's captions, padded to the batch's longest caption; passes on the
     messages of the samples PairDataset had to replace or ShardDataset had to skip. With a `teacher`
-    (train.distill, train.distill_images) the last item is its embeddings of the captions, else None."""
+    (train.distill) the last item is its embeddings of the captions, else None."""
 
     tokenizer: Tokenizer
     context_length: int
@@ -132,7 +131,7 @@ def scale_gradient(x: torch.Tensor, factor: float) -> torch.Tensor:
 
 def global_batch_backward(net: torch.nn.Module, model: MiniCLIP, micro_batches: list[tuple], world_size: int,
                           autocast, positives: int = 1, loss: str = "clip", distill: float = 0.0,
-                          taught: list[torch.Tensor] | None = None, distill_images: float = 0.0) -> float:
+                          taught: list[torch.Tensor] | None = None) -> float:
     """Forward and backward for one optimizer step over this process's K micro-batches, with every micro-batch
     of every process as negatives; leaves the gradients of one loss over the global batch (W processes x K x b
     pairs) in the parameters' .grad and returns that loss. `net` is `model` or its DistributedDataParallel.
@@ -153,10 +152,9 @@ def global_batch_backward(net: torch.nn.Module, model: MiniCLIP, micro_batches: 
         for every parameter); DDP's average of W equal gradients is that gradient.
 
     `distill` > 0 adds that weight times loss.distill_loss between each micro-batch's caption features and the
-    teacher's embeddings `taught` (one tensor per micro-batch); `distill_images` > 0 adds that weight times
-    loss.distill_loss between its image features and, per image, the normalised mean of its captions' teacher
-    embeddings. Both are local to a micro-batch: each adds 1/K of its own, unscaled, and DDP's average over
-    processes makes the whole the mean over all micro-batches. The value returned includes them.
+    teacher's embeddings `taught` (one tensor per micro-batch). It is local to a micro-batch: each adds 1/K of
+    its own, unscaled, and DDP's average over processes makes the whole the mean over all micro-batches. The
+    value returned includes it.
     """
     k, distilled = len(micro_batches), 0.0
     cached: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -172,7 +170,7 @@ def global_batch_backward(net: torch.nn.Module, model: MiniCLIP, micro_batches: 
         with sync:
             with autocast():
                 image_features, text_features, scale = net(images, ids, lengths)
-            local_images, local_texts = image_features.float(), text_features.float()
+            local_texts = text_features.float()
             bias = model.logit_bias
             if not last:
                 scale, bias = scale.detach(), bias if bias is None else bias.detach()
@@ -185,15 +183,12 @@ def global_batch_backward(net: torch.nn.Module, model: MiniCLIP, micro_batches: 
             features = gather_features(torch.cat(all_images), torch.cat(all_texts))
             value = (siglip_loss(*features, scale, bias, positives) if loss == "siglip"
                      else clip_loss(*features, scale, positives))
-            taught_loss = value.new_zeros(())
             if distill:
-                taught_loss = taught_loss + distill * distill_loss(local_texts, taught[j]) / k
-            if distill_images:
-                b = len(local_images)
-                per_image = F.normalize(taught[j].view(b, positives, -1).mean(1), dim=-1)  # (b k) e -> b e
-                taught_loss = taught_loss + distill_images * distill_loss(local_images, per_image) / k
-            (value + taught_loss).backward()
-            distilled += taught_loss.item()
+                taught_loss = distill * distill_loss(local_texts, taught[j]) / k
+                (value + taught_loss).backward()
+                distilled += taught_loss.item()
+            else:
+                value.backward()
     return value.item() + distilled
 
 
@@ -328,7 +323,7 @@ def fit(config: RunConfig, tokenizer: Tokenizer, train_items: list[ImageCaptions
     model = MiniCLIP(config.model).to(device)
     optimizer = torch.optim.AdamW(parameter_groups(model, tc.weight_decay), lr=tc.lr, betas=(0.9, 0.98), eps=1e-6)
     workers = pick_workers(config, device)
-    teacher = CaptionTeacher() if tc.distill or tc.distill_images else None
+    teacher = CaptionTeacher() if tc.distill else None
     data = _TrainingData(config, train_items, world, Collate(tokenizer, config.model.context_length, teacher), workers,
                          device, callbacks)
     steps_per_epoch = data.steps_per_epoch
@@ -400,7 +395,7 @@ def fit(config: RunConfig, tokenizer: Tokenizer, train_items: list[ImageCaptions
                     group["lr"] = learning_rate(step, total_steps, tc.lr, warmup)
                 optimizer.zero_grad(set_to_none=True)
                 losses.append(global_batch_backward(net, model, micro_batches, world.world_size, autocast, tc.positives,
-                                                    tc.loss, tc.distill, taught, tc.distill_images))
+                                                    tc.loss, tc.distill, taught))
                 optimizer.step()
                 if average:
                     average.update(model, step)

@@ -9,11 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from miniclip_cli.config import RunConfig, apply_overrides, tiny_model_config
+from miniclip_cli.config import RunConfig, apply_overrides
 from miniclip_cli.errors import ConfigError
-from miniclip_cli.loss import clip_loss, distill_loss
-from miniclip_cli.model import MiniCLIP
-from miniclip_cli.train import global_batch_backward
+from miniclip_cli.loss import distill_loss
 
 from .conftest import json_of, run_cli
 
@@ -47,33 +45,7 @@ def test_distill_loss_matches_similarities_not_coordinates():
 def test_distill_weight_is_checked():
     with pytest.raises(ConfigError, match="train.distill"):
         apply_overrides(RunConfig(), ["train.distill=-1"])
-    with pytest.raises(ConfigError, match="train.distill_images"):
-        apply_overrides(RunConfig(), ["train.distill_images=-0.5"])
-    assert RunConfig().train.distill == RunConfig().train.distill_images == 0.0  # off: the default needs no teacher
-
-
-def test_image_distillation_adds_the_image_similarity_loss():
-    """train.distill_images: each image is taught by the normalised mean of its captions' teacher embeddings;
-    the loss and every gradient are those of clip_loss plus the weighted distill_loss on the images."""
-    torch.manual_seed(0)
-    model = MiniCLIP(tiny_model_config(50))
-    images, ids, lengths = torch.randn(4, 3, 32, 32), torch.randint(3, 50, (8, 6)), torch.full((8,), 6)
-    taught = _unit(8, 12, seed=7)  # 2 captions per image, image by image
-    autocast = lambda: torch.autocast("cpu", enabled=False)
-    value = global_batch_backward(model, model, [(images, ids, lengths)], 1, autocast, positives=2,
-                                  distill_images=0.5, taught=[taught])
-    image_features, text_features, scale = model(images, ids, lengths)
-    per_image = F.normalize(taught.view(4, 2, 12).mean(1), dim=-1)
-    want = clip_loss(image_features, text_features, scale, 2) + 0.5 * distill_loss(image_features, per_image)
-    assert value == pytest.approx(want.item(), rel=1e-5)
-    model.zero_grad()
-    want.backward()
-    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad()
-    global_batch_backward(model, model, [(images, ids, lengths)], 1, autocast, positives=2, distill_images=0.5,
-                          taught=[taught])
-    for name, p in model.named_parameters():
-        assert torch.allclose(p.grad, expected[name], atol=1e-6, rtol=1e-4), name
+    assert RunConfig().train.distill == 0.0  # off by default: the default recipe needs no teacher
 
 
 def test_caption_teacher_puts_paraphrases_together():
@@ -98,12 +70,6 @@ def test_train_with_distillation(runner, tiny_dataset, tmp_path):
     # same seed and data: the reported loss is the contrastive one plus the (positive) distillation term
     assert taught["last"]["train_loss"] != plain["last"]["train_loss"] and math.isfinite(taught["last"]["train_loss"])
     result = json_of(run_cli(runner, "eval", tmp_path / "taught", "--split", "all", "--json"))
-    assert 0.0 <= result["match3_top1"] <= 100.0
-    both = json_of(run_cli(runner, *common, "--out", tmp_path / "both", "--set", "train.distill=1",
-                           "--set", "train.distill_images=1"))
-    # the image term is added to the same seeded run's loss
-    assert both["last"]["train_loss"] != taught["last"]["train_loss"] and math.isfinite(both["last"]["train_loss"])
-    result = json_of(run_cli(runner, "eval", tmp_path / "both", "--split", "all", "--json"))
     assert 0.0 <= result["match3_top1"] <= 100.0
 
 
