@@ -65,13 +65,15 @@ def save_run_files(run: Path, config: RunConfig, tokenizer: Tokenizer) -> None:
 
 
 def save_resume(run: Path, model: MiniCLIP, optimizer: torch.optim.Optimizer, counters: dict,
-                average: MiniCLIP | None = None) -> None:
+                average: MiniCLIP | None = None, head: torch.nn.Module | None = None) -> None:
     """Model and optimizer tensors in one file, with the counters and optimizer groups in its metadata,
     so the weights and the counters can never come from two different moments. `average`: the moving
-    average of the weights, when training keeps one (TrainConfig.ema)."""
+    average of the weights, when training keeps one (TrainConfig.ema); `head`: the training-only head of
+    TrainConfig.image_ssl."""
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-    if average is not None:
-        tensors.update({f"ema.{k}": v for k, v in average.state_dict().items()})
+    for prefix, extra in (("ema", average), ("head", head)):
+        if extra is not None:
+            tensors.update({f"{prefix}.{k}": v for k, v in extra.state_dict().items()})
     opt = optimizer.state_dict()
     for index, state in opt["state"].items():
         for name, value in state.items():
@@ -113,14 +115,15 @@ def read_resume_metadata(run: Path) -> tuple[dict, list]:
 
 
 def load_resume(run: Path, model: MiniCLIP, optimizer: torch.optim.Optimizer,
-                average: MiniCLIP | None = None) -> dict:
+                average: MiniCLIP | None = None, head: torch.nn.Module | None = None) -> dict:
     path = run / RESUME
     remove_stale_temporaries(run)  # a run killed mid-write leaves its temporary file behind
     counters, groups = read_resume_metadata(run)
     tensors = _read_safetensors(path)
-    _load_model_state(model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, path)
-    if average is not None:
-        _load_model_state(average, {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}, path)
+    for prefix, target in (("model", model), ("ema", average), ("head", head)):
+        if target is not None:
+            start = len(prefix) + 1
+            _load_model_state(target, {k[start:]: v for k, v in tensors.items() if k.startswith(f"{prefix}.")}, path)
     state: dict[int, dict] = {}
     for key, value in tensors.items():
         if key.startswith("optim."):
@@ -134,7 +137,7 @@ def load_resume(run: Path, model: MiniCLIP, optimizer: torch.optim.Optimizer,
     return counters
 
 
-def _load_model_state(model: MiniCLIP, state: dict[str, torch.Tensor], path: Path) -> None:
+def _load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))

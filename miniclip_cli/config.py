@@ -101,6 +101,10 @@ class TrainConfig:
     # weight of a caption-similarity loss taught by a sentence-embedding model (teacher.py, loss.distill_loss);
     # 0: none. Optional and off by default: it needs `pip install 'miniclip[distill]'`.
     distill: float = 0.0
+    # weight of SLIP's image self-supervised loss (loss.image_ssl_loss) between the training crop and a second,
+    # more distorted view of each image (data/images.distort), through a head used in training only
+    # (train.ImageSSLHead); 0: none. The vision tower then encodes two views per image.
+    image_ssl: float = 0.0
 
     def validate(self) -> None:
         if self.epochs < 1:
@@ -128,6 +132,8 @@ class TrainConfig:
             raise ConfigError(f"train.token_dropout is a probability in [0, 1), e.g. 0.1; got {self.token_dropout}")
         if not self.distill >= 0.0:
             raise ConfigError(f"train.distill is a loss weight, 0 or more (0: off, e.g. 1.0); got {self.distill}")
+        if not self.image_ssl >= 0.0:
+            raise ConfigError(f"train.image_ssl is a loss weight, 0 or more (0: off, e.g. 1.0); got {self.image_ssl}")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"--precision must be auto, fp32 or bf16, got {self.precision!r}")
         lo, hi = self.crop_scale

@@ -69,6 +69,27 @@ def distill_loss(text_features: torch.Tensor, teacher_features: torch.Tensor,
                     log_target=True, reduction="batchmean")
 
 
+# SimCLR's and SLIP's value: with unit-length features a view's other view must stand out by ~0.3 of cosine
+# from the batch's other images to take most of the softmax.
+IMAGE_SSL_TEMPERATURE = 0.1
+
+
+def image_ssl_loss(first: torch.Tensor, second: torch.Tensor,
+                   temperature: float = IMAGE_SSL_TEMPERATURE) -> torch.Tensor:
+    """SimCLR's NT-Xent loss (Chen et al. 2020) between two views of the same n images (train.image_ssl, as
+    SLIP adds it to CLIP's loss): first, second: n d, any length (they are normalised here).
+
+    Each of the 2n views picks its image's other view among the other 2n - 1 by softmax(cosine / temperature);
+    the loss is the mean cross-entropy. It asks the image features to say which photo a crop came from, a
+    signal from the pixels alone that does not depend on how well the captions fit."""
+    views = F.normalize(torch.cat([first, second]).float(), dim=-1)  # (2 n) d
+    n = first.shape[0]
+    itself = torch.eye(2 * n, dtype=torch.bool, device=views.device)
+    logits = (views @ views.T / temperature).masked_fill(itself, float("-inf"))
+    other = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(views.device)  # each view's other view
+    return F.cross_entropy(logits, other)
+
+
 def gather_features(image_features: torch.Tensor, text_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Every process's features, in rank order: (world b) d each, so a loss over them sees the global batch.
 

@@ -15,13 +15,13 @@ from torch.nn.parallel import DistributedDataParallel
 from . import checkpoint, distributed
 from .config import RunConfig
 from .data.cache import open_cache
-from .data.images import DeviceCrops, PairDataset, ShardDataset
+from .data.images import DeviceCrops, PairDataset, ShardDataset, distort
 from .data.layouts import ImageCaptions
 from .data.shards import ShardSet
 from .device import autocast_dtype
 from .errors import ConfigError
 from .evaluate import evaluate_retrieval
-from .loss import clip_loss, distill_loss, gather_features, siglip_loss
+from .loss import clip_loss, distill_loss, gather_features, image_ssl_loss, siglip_loss
 from .model import MiniCLIP
 from .runtime import TorchEncoder
 from .teacher import CaptionTeacher
@@ -68,6 +68,8 @@ class Collate:
             images = DeviceCrops(torch.stack(pixels), torch.stack(boxes))
         else:
             images = torch.stack(images)
+            if images.ndim == 5:  # b v c s s: each image's views (train.image_ssl)
+                images = images.transpose(0, 1).flatten(0, 1)  # 'b v c s s -> (v b) c s s'
         # (b k) captions, image by image, when each sample brings k (TrainConfig.positives)
         captions = [c for sample in captions for c in ((sample,) if isinstance(sample, str) else sample)]
         ids, lengths = self.tokenizer.encode(captions, self.context_length)
@@ -98,14 +100,36 @@ class EpochSampler(torch.utils.data.Sampler):
         return len(self.order)
 
 
-def parameter_groups(model: MiniCLIP, weight_decay: float) -> list[dict]:
+def parameter_groups(model: MiniCLIP, weight_decay: float, *others: torch.nn.Module | None) -> list[dict]:
     """Weight decay on weight matrices and the patch projection only; norms, biases, embeddings,
-    positions, the class token and the temperature are left undecayed, as in CLIP."""
+    positions, the class token and the temperature are left undecayed, as in CLIP. `others`: modules trained
+    alongside the model (an ImageSSLHead), after its parameters."""
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        undecayed = p.ndim < 2 or "token_embed" in name or "positions" in name
-        (no_decay if undecayed else decay).append(p)
+    for module in (model, *others):
+        for name, p in module.named_parameters() if module is not None else ():
+            undecayed = p.ndim < 2 or "token_embed" in name or "positions" in name
+            (no_decay if undecayed else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class ImageSSLHead(torch.nn.Module):
+    """SLIP's projection MLP (Mu et al. 2022) for train.image_ssl: three layers, 4 x width hidden, from the
+    image features to the space where loss.image_ssl_loss compares two views. It is used in training only and
+    saved only in resume.safetensors, so the model, its export and inference are unchanged. Unlike SLIP it
+    reads the image features the contrastive loss sees rather than the tower's output before its projection,
+    so the model's forward stays the one every command uses; LayerNorm stands in for SLIP's BatchNorm for the
+    reason conv_stem gives."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        hidden = 4 * width
+        self.mlp = torch.nn.Sequential(
+            torch.nn.Linear(width, hidden), torch.nn.LayerNorm(hidden), torch.nn.GELU(),
+            torch.nn.Linear(hidden, hidden), torch.nn.LayerNorm(hidden), torch.nn.GELU(),
+            torch.nn.Linear(hidden, width))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.mlp(features)
 
 
 def learning_rate(step: int, total: int, peak: float, warmup: int) -> float:
@@ -131,7 +155,8 @@ def scale_gradient(x: torch.Tensor, factor: float) -> torch.Tensor:
 
 def global_batch_backward(net: torch.nn.Module, model: MiniCLIP, micro_batches: list[tuple], world_size: int,
                           autocast, positives: int = 1, loss: str = "clip", distill: float = 0.0,
-                          taught: list[torch.Tensor] | None = None) -> float:
+                          taught: list[torch.Tensor] | None = None, image_ssl: float = 0.0,
+                          head: torch.nn.Module | None = None) -> float:
     """Forward and backward for one optimizer step over this process's K micro-batches, with every micro-batch
     of every process as negatives; leaves the gradients of one loss over the global batch (W processes x K x b
     pairs) in the parameters' .grad and returns that loss. `net` is `model` or its DistributedDataParallel.
@@ -155,21 +180,31 @@ def global_batch_backward(net: torch.nn.Module, model: MiniCLIP, micro_batches: 
     teacher's embeddings `taught` (one tensor per micro-batch). It is local to a micro-batch: each adds 1/K of
     its own, unscaled, and DDP's average over processes makes the whole the mean over all micro-batches. The
     value returned includes it.
+
+    `image_ssl` > 0: each micro-batch's images are 2b views, every image's training crop and then every
+    image's second view, and that weight times loss.image_ssl_loss between the two views' features through
+    `head` (an ImageSSLHead, or its DistributedDataParallel) is added, local to a micro-batch as distillation
+    is. Only the first views meet the captions.
     """
-    k, distilled = len(micro_batches), 0.0
+    k, extra = len(micro_batches), 0.0
     cached: list[tuple[torch.Tensor, torch.Tensor]] = []
     if k > 1:
         with torch.no_grad(), autocast():
             for images, ids, lengths in micro_batches:
-                image_features, text_features, _ = model(images, ids, lengths)
+                image_features, text_features, _ = model(images[: len(lengths) // positives], ids, lengths)
                 cached.append((image_features.float(), text_features.float()))
     for j, (images, ids, lengths) in enumerate(micro_batches):
         last = j == k - 1
         # DDP all-reduces gradients in every backward unless told not to; once, at the last, is enough.
-        sync = contextlib.nullcontext() if last or not isinstance(net, DistributedDataParallel) else net.no_sync()
+        sync = contextlib.ExitStack()
+        for wrapped in (net, head) if not last else ():
+            if isinstance(wrapped, DistributedDataParallel):
+                sync.enter_context(wrapped.no_sync())
         with sync:
             with autocast():
                 image_features, text_features, scale = net(images, ids, lengths)
+                views = head(image_features) if image_ssl else None  # (2 b) e
+            image_features = image_features[: len(lengths) // positives]  # the training crops meet the captions
             local_texts = text_features.float()
             bias = model.logit_bias
             if not last:
@@ -183,13 +218,16 @@ def global_batch_backward(net: torch.nn.Module, model: MiniCLIP, micro_batches: 
             features = gather_features(torch.cat(all_images), torch.cat(all_texts))
             value = (siglip_loss(*features, scale, bias, positives) if loss == "siglip"
                      else clip_loss(*features, scale, positives))
+            total = value
             if distill:
                 taught_loss = distill * distill_loss(local_texts, taught[j]) / k
-                (value + taught_loss).backward()
-                distilled += taught_loss.item()
-            else:
-                value.backward()
-    return value.item() + distilled
+                total, extra = total + taught_loss, extra + taught_loss.item()
+            if image_ssl:
+                first, second = views.float().chunk(2)
+                views_loss = image_ssl * image_ssl_loss(first, second) / k
+                total, extra = total + views_loss, extra + views_loss.item()
+            total.backward()
+    return value.item() + extra
 
 
 def drop_tokens(ids: torch.Tensor, lengths: torch.Tensor, rate: float, generator: torch.Generator,
@@ -260,13 +298,14 @@ class _TrainingData:
                  collate: Collate, workers: int, device: torch.device, callbacks: Callbacks):
         tc = config.train
         common = (config.model.image_size, config.data.mean, config.data.std, tc.crop_scale, tc.captions, tc.seed)
+        views = 2 if tc.image_ssl else 1
         self.streamed = isinstance(train, ShardSet)
         self.cache_seconds = None  # how long building the image cache took, when this run built it
         if self.streamed:
             if tc.augment == "device":
                 device_crops(config, device, cached=False)  # raises: shards have no image cache
             self.dataset = ShardDataset(train, *common, rank=world.rank, world_size=world.world_size,
-                                        batch_size=tc.batch_size, positives=tc.positives)
+                                        batch_size=tc.batch_size, positives=tc.positives, views=views)
         else:
             cache = None
             if tc.cache:
@@ -280,7 +319,7 @@ class _TrainingData:
                     distributed.barrier()
                     cache = cache or open_cache(paths, config.model.image_size)[0]
             self.dataset = PairDataset(train, *common, cache=cache, positives=tc.positives,
-                                       device_crops=device_crops(config, device, cache is not None))
+                                       device_crops=device_crops(config, device, cache is not None), views=views)
         self.world, self.collate, self.workers, self.device = world, collate, workers, device
         self.batch_size, self.accum_steps = tc.batch_size, tc.accum_steps
         self.global_batch = world.world_size * tc.accum_steps * tc.batch_size
@@ -321,7 +360,9 @@ def fit(config: RunConfig, tokenizer: Tokenizer, train_items: list[ImageCaptions
     tc = config.train
     torch.manual_seed(tc.seed)
     model = MiniCLIP(config.model).to(device)
-    optimizer = torch.optim.AdamW(parameter_groups(model, tc.weight_decay), lr=tc.lr, betas=(0.9, 0.98), eps=1e-6)
+    head = ImageSSLHead(config.model.embed_dim).to(device) if tc.image_ssl else None
+    optimizer = torch.optim.AdamW(parameter_groups(model, tc.weight_decay, head), lr=tc.lr, betas=(0.9, 0.98),
+                                  eps=1e-6)
     workers = pick_workers(config, device)
     teacher = CaptionTeacher() if tc.distill else None
     data = _TrainingData(config, train_items, world, Collate(tokenizer, config.model.context_length, teacher), workers,
@@ -341,7 +382,7 @@ def fit(config: RunConfig, tokenizer: Tokenizer, train_items: list[ImageCaptions
     # The moving average of the weights (TrainConfig.ema) is what validation sees and best/last hold.
     average = MovingAverage(model, tc.ema) if tc.ema else None
     if resume:
-        counters = checkpoint.load_resume(run, model, optimizer, average.model if average else None)
+        counters = checkpoint.load_resume(run, model, optimizer, average.model if average else None, head)
         check_world_size(counters, world.world_size, run)
         step, best = counters["step"], counters["best_mean_recall"]
         if step % steps_per_epoch:  # stopped mid-epoch (files from before this was saved have none)
@@ -352,9 +393,11 @@ def fit(config: RunConfig, tokenizer: Tokenizer, train_items: list[ImageCaptions
     elif world.is_main:
         checkpoint.save_run_files(run, config, tokenizer)
     stop_at = min(total_steps, tc.max_steps) if tc.max_steps else total_steps
-    net = model
+    net, head_net = model, head
     if world.world_size > 1:
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        device_ids = [device.index] if device.type == "cuda" else None
+        net = DistributedDataParallel(model, device_ids=device_ids)
+        head_net = None if head is None else DistributedDataParallel(head, device_ids=device_ids)
     if tc.compile:
         # The forward with gradients only (DDP wrapped first, as PyTorch's DDP notes ask); captions padded to
         # each batch's longest give a few sequence lengths, which dynamic shapes absorb after one recompile.
@@ -364,7 +407,7 @@ def fit(config: RunConfig, tokenizer: Tokenizer, train_items: list[ImageCaptions
         if world.is_main:
             checkpoint.save_resume(run, model, optimizer, {
                 "step": step, "best_mean_recall": best, "epoch_losses": losses if step % steps_per_epoch else [],
-                "world_size": world.world_size}, average.model if average else None)
+                "world_size": world.world_size}, average.model if average else None, head)
 
     try:
         callbacks.on_start(total_steps, step, steps_per_epoch,
@@ -380,28 +423,33 @@ def fit(config: RunConfig, tokenizer: Tokenizer, train_items: list[ImageCaptions
             epoch_start = tick
             for _ in range(done, steps_per_epoch):
                 micro_batches, taught = [], []
-                # seeded by step and rank, so a resumed run drops the words the interrupted one would have
-                words = torch.Generator().manual_seed((tc.seed * 1_000_003 + step) * world.world_size + world.rank)
+                # seeded by step and rank, so a resumed run drops the words and distorts the views the
+                # interrupted one would have
+                draws = torch.Generator().manual_seed((tc.seed * 1_000_003 + step) * world.world_size + world.rank)
                 for images, ids, lengths, failures, teacher_features in [next(batches) for _ in range(tc.accum_steps)]:
                     for message in failures:
                         replaced += 1
                         replaced_this_epoch += 1
                         callbacks.on_replaced_sample(message, replaced)
                     if tc.token_dropout:
-                        ids, lengths = drop_tokens(ids, lengths, tc.token_dropout, words, tokenizer.pad_id)
-                    micro_batches.append(batch_to_device(images, ids, lengths, device, config))
+                        ids, lengths = drop_tokens(ids, lengths, tc.token_dropout, draws, tokenizer.pad_id)
+                    images, ids, lengths = batch_to_device(images, ids, lengths, device, config)
+                    if tc.image_ssl:  # (2 b) images: the training crops, then the second views
+                        b = len(lengths) // tc.positives
+                        images = torch.cat([images[:b], distort(images[b:], config.data.mean, config.data.std, draws)])
+                    micro_batches.append((images, ids, lengths))
                     taught.append(teacher_features)
                 for group in optimizer.param_groups:
                     group["lr"] = learning_rate(step, total_steps, tc.lr, warmup)
                 optimizer.zero_grad(set_to_none=True)
                 losses.append(global_batch_backward(net, model, micro_batches, world.world_size, autocast, tc.positives,
-                                                    tc.loss, tc.distill, taught))
+                                                    tc.loss, tc.distill, taught, tc.image_ssl, head_net))
                 optimizer.step()
                 if average:
                     average.update(model, step)
                 step += 1
                 now = time.perf_counter()
-                pairs = world.world_size * sum(len(b[0]) for b in micro_batches)
+                pairs = world.world_size * sum(len(b[2]) for b in micro_batches) // tc.positives
                 callbacks.on_step(step, epoch, losses[-1], pairs / max(now - tick, 1e-9),
                                   optimizer.param_groups[0]["lr"])
                 tick = now

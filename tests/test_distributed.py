@@ -111,22 +111,29 @@ def _gradient_batch(count: int = 8) -> tuple[torch.Tensor, torch.Tensor, torch.T
     return images, ids, torch.full((count,), 6)
 
 
-def _gradients(world_size: int, rank: int, accum_steps: int) -> dict[str, torch.Tensor]:
+def _gradients(world_size: int, rank: int, accum_steps: int, image_ssl: bool = False) -> dict[str, torch.Tensor]:
     """The gradients global_batch_backward leaves after one step on _gradient_batch, split over the processes
-    and micro-batches (through DDP when there are several processes)."""
+    and micro-batches (through DDP when there are several processes). image_ssl: with second views and the
+    image self-supervised loss, whose head's gradients are returned too."""
     from torch.nn.parallel import DistributedDataParallel
 
     from miniclip_cli.model import MiniCLIP
+    from miniclip_cli.train import ImageSSLHead
 
     torch.manual_seed(0)
     model = MiniCLIP(tiny_model_config(50))
+    head = ImageSSLHead(model.config.embed_dim) if image_ssl else None
     net = DistributedDataParallel(model) if world_size > 1 else model
+    head_net = DistributedDataParallel(head) if world_size > 1 and image_ssl else head
     images, ids, lengths = _gradient_batch()
+    second = torch.randn(images.shape, generator=torch.Generator().manual_seed(6))
     b = len(images) // (world_size * accum_steps)
     chunks = [slice((j * world_size + rank) * b, (j * world_size + rank + 1) * b) for j in range(accum_steps)]
     autocast = lambda: torch.autocast("cpu", enabled=False)
-    global_batch_backward(net, model, [(images[c], ids[c], lengths[c]) for c in chunks], world_size, autocast)
-    return {name: p.grad.clone() for name, p in model.named_parameters()}
+    micro_batches = [(torch.cat([images[c], second[c]]) if image_ssl else images[c], ids[c], lengths[c]) for c in chunks]
+    global_batch_backward(net, model, micro_batches, world_size, autocast, image_ssl=float(image_ssl), head=head_net)
+    named = [*model.named_parameters(), *(head.named_parameters(prefix="head") if head else ())]
+    return {name: p.grad.clone() for name, p in named}
 
 
 def _rank_main(rank: int, world_size: int, port: int, jobs: list, tokenizer_json: str, items: list, out: str) -> None:
@@ -142,10 +149,10 @@ def _rank_main(rank: int, world_size: int, port: int, jobs: list, tokenizer_json
             fit(config, tokenizer, items, [], Path(run), device, callbacks=callbacks)
             if world.is_main:
                 (Path(run) / "step_losses.json").write_text(json.dumps(callbacks.losses))
-        for accum_steps in (1, 2):
-            gradients = _gradients(world_size, rank, accum_steps)
+        for accum_steps, image_ssl in ((1, False), (2, False), (1, True), (2, True)):
+            gradients = _gradients(world_size, rank, accum_steps, image_ssl)
             if world.is_main:
-                save_file(gradients, str(Path(out) / f"gradients-{accum_steps}.safetensors"))
+                save_file(gradients, str(Path(out) / f"gradients-{accum_steps}{'-ssl' * image_ssl}.safetensors"))
     finally:
         distributed.teardown()
 
@@ -183,6 +190,15 @@ def test_two_processes_train_like_one_process_at_the_global_batch(tiny_dataset, 
         gradients = load_file(str(tmp_path / f"gradients-{accum_steps}.safetensors"))
         worst = max(((gradients[n] - g).abs().max() / g.abs().max().clamp(min=1e-12)).item() for n, g in expected.items())
         print(f"gradients, 2 processes x {accum_steps} micro-batch(es): max difference {worst:.1e} of the largest")
+        assert worst < 1e-4, accum_steps
+    # The image self-supervised loss is local to a micro-batch: 2 processes x K micro-batches must give the
+    # gradients of 1 process x 2K micro-batches of the same images, the model's and the head's alike.
+    for accum_steps in (1, 2):
+        expected = _gradients(1, 0, 2 * accum_steps, image_ssl=True)
+        gradients = load_file(str(tmp_path / f"gradients-{accum_steps}-ssl.safetensors"))
+        assert gradients.keys() == expected.keys() and any(n.startswith("head.") for n in expected)
+        worst = max(((gradients[n] - g).abs().max() / g.abs().max().clamp(min=1e-12)).item() for n, g in expected.items())
+        print(f"image_ssl gradients, 2 processes x {accum_steps}: max difference {worst:.1e} of the largest")
         assert worst < 1e-4, accum_steps
 
 

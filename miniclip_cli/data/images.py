@@ -27,6 +27,9 @@ MAX_REPLACEMENTS = 10
 # `miniclip shard` already shuffles samples across shards and training shuffles the shard order, so the
 # buffer only has to break up the order inside a shard from one epoch to the next.
 SHUFFLE_BUFFER = 1000
+# The second view of train.image_ssl: SimCLR crops as small as 8% of the image make the task too hard for
+# 128 px photos seen once per epoch; 20% keeps an object in most crops.
+SECOND_VIEW_CROP_SCALE = (0.2, 1.0)
 
 
 def crop_box(width: int, height: int, crop_scale: tuple[float, float],
@@ -49,6 +52,44 @@ def random_resized_crop(im: Image.Image, size: int, crop_scale: tuple[float, flo
     return resize_centre_crop(im, size) if box is None else im.resize((size, size), Image.BICUBIC, box=box)
 
 
+def training_views(im: Image.Image, size: int, mean, std, crop_scale: tuple[float, float], rng: random.Random,
+                   second: random.Random | None = None) -> torch.Tensor:
+    """The training crop, c s s; with a `second` generator (train.image_ssl) also a second crop of the same
+    image, from SECOND_VIEW_CROP_SCALE: v c s s, the first view being the crop made without it."""
+    first = normalise(random_resized_crop(im, size, crop_scale, rng), mean, std)
+    if second is None:
+        return torch.from_numpy(first)
+    other = normalise(random_resized_crop(im, size, SECOND_VIEW_CROP_SCALE, second), mean, std)
+    return torch.from_numpy(np.stack([first, other]))
+
+
+def distort(images: torch.Tensor, mean, std, generator: torch.Generator) -> torch.Tensor:
+    """SimCLR's photometric changes for the second view of train.image_ssl, on normalised b 3 s s images on
+    any device, drawn from a CPU `generator`: a horizontal flip (half the images), brightness, contrast and
+    saturation each scaled by a factor in [0.6, 1.4] (80%), grey (20%). The captions never see this view, so
+    it may flip left and right and change colours that they name."""
+    b = images.shape[0]
+
+    def draw(*shape: int) -> torch.Tensor:
+        return torch.rand(*shape, generator=generator).to(images.device)
+
+    def grey(x: torch.Tensor) -> torch.Tensor:  # b 1 s s, ITU-R 601 luma
+        return (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2])[:, None]
+
+    mean = torch.tensor(mean, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(std, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
+    x = images * std + mean  # 0-1
+    flip, jitter, greyed = (draw(3, b) < torch.tensor([[0.5], [0.8], [0.2]], device=images.device)).view(3, b, 1, 1, 1)
+    x = torch.where(flip, x.flip(-1), x)
+    brightness, contrast, saturation = (0.6 + 0.8 * draw(3, b)).view(3, b, 1, 1, 1)
+    y = x * brightness
+    y = (y - grey(y).mean(dim=(2, 3), keepdim=True)) * contrast + grey(y).mean(dim=(2, 3), keepdim=True)
+    y = grey(y) + (y - grey(y)) * saturation
+    x = torch.where(jitter, y.clamp(0, 1), x)
+    x = torch.where(greyed, grey(x).expand_as(x), x)
+    return (x - mean) / std
+
+
 @dataclass
 class DeviceCrops:
     """A batch whose crops are cut on the training device rather than in the loader (TrainConfig.augment):
@@ -56,7 +97,7 @@ class DeviceCrops:
     process resizes anything, so the loader only indexes the memory-mapped cache."""
 
     pixels: torch.Tensor  # b h w 3, uint8: the cached images
-    boxes: torch.Tensor  # b 4, float32: (left, top, right, bottom) in pixels
+    boxes: torch.Tensor  # b 4, or b v 4 with v views (train.image_ssl), float32: (left, top, right, bottom)
 
     def to(self, device, non_blocking: bool = False) -> DeviceCrops:
         return DeviceCrops(self.pixels.to(device, non_blocking=non_blocking),
@@ -64,13 +105,17 @@ class DeviceCrops:
 
     def render(self, size: int, mean, std) -> torch.Tensor:
         """b 3 size size, normalised: each box resampled to size x size with roi_align, which averages
-        ceil(box / size) samples per output pixel in each direction (bilinear, antialiased as it shrinks)."""
+        ceil(box / size) samples per output pixel in each direction (bilinear, antialiased as it shrinks).
+        With v boxes per image: (v b) 3 size size, every image's first view, then every image's second."""
         from torchvision.ops import roi_align
 
         pixels = self.pixels.permute(0, 3, 1, 2).float()  # 'b h w c -> b c h w'
-        index = torch.arange(len(self.boxes), device=pixels.device, dtype=pixels.dtype)[:, None]
-        crops = roi_align(pixels, torch.cat([index, self.boxes.to(pixels.dtype)], dim=1), output_size=size,
-                          aligned=True)  # b 3 size size, 0-255
+        boxes = self.boxes if self.boxes.ndim == 3 else self.boxes[:, None]  # b v 4
+        b, v, _ = boxes.shape
+        boxes = boxes.transpose(0, 1).reshape(v * b, 4)  # 'b v four -> (v b) four'
+        index = torch.arange(b, device=pixels.device, dtype=pixels.dtype).repeat(v)[:, None]
+        crops = roi_align(pixels, torch.cat([index, boxes.to(pixels.dtype)], dim=1), output_size=size,
+                          aligned=True)  # (v b) 3 size size, 0-255
         mean = torch.tensor(mean, device=pixels.device).view(1, 3, 1, 1) * 255
         std = torch.tensor(std, device=pixels.device).view(1, 3, 1, 1) * 255
         return (crops - mean) / std
@@ -95,15 +140,16 @@ class PairDataset(torch.utils.data.Dataset):
     """Training pairs. captions="one": an item per image, its caption (or `positives` captions) drawn anew
     each epoch; "all": an item per (image, caption) pair. Call set_epoch before each epoch's loader is made.
 
-    Each sample is (image c s s, caption or tuple of `positives` captions, failures). The up-front image check (data/checks.py) cannot see
-    everything: a file damaged inside its data, or changed while training runs. A sample whose image fails
-    to load is replaced by another, picked from (seed, epoch, index) so that runs stay reproducible, and
-    `failures` carries the error messages to the training loop, which counts them (loader processes cannot
-    report any other way)."""
+    Each sample is (image c s s, or v c s s with `views` 2, caption or tuple of `positives` captions,
+    failures). The up-front image check (data/checks.py) cannot see everything: a file damaged inside its
+    data, or changed while training runs. A sample whose image fails to load is replaced by another, picked
+    from (seed, epoch, index) so that runs stay reproducible, and `failures` carries the error messages to
+    the training loop, which counts them (loader processes cannot report any other way)."""
 
     def __init__(self, items: list[ImageCaptions], size: int, mean, std, crop_scale, captions: str, seed: int,
-                 cache: PixelCache | None = None, positives: int = 1, device_crops: bool = False):
+                 cache: PixelCache | None = None, positives: int = 1, device_crops: bool = False, views: int = 1):
         self.items, self.size, self.mean, self.std, self.positives = items, size, mean, std, positives
+        self.views = views  # 2: a second crop of each image for train.image_ssl
         if device_crops and cache is None:
             raise ValueError("device crops read the image cache; pass one")
         # Samples carry the cached pixels and a crop box (DeviceCrops) rather than the finished crop.
@@ -142,14 +188,16 @@ class PairDataset(torch.utils.data.Dataset):
         rng = random.Random(sample_seed(self.seed, self.epoch, index))
         caption = (draw_captions(item.captions, self.positives, rng) if caption_index is None
                    else item.captions[caption_index])
+        second = random.Random(sample_seed(self.seed, self.epoch, index, -1)) if self.views == 2 else None
         if self.device_crops:
             pixels = self.cache.pixels(image_index)  # h w 3
             h, w, _ = pixels.shape
             box = crop_box(w, h, self.crop_scale, rng) or (0, 0, w, h)  # the cache is square: all of it
+            if second is not None:
+                box = (box, crop_box(w, h, SECOND_VIEW_CROP_SCALE, second) or (0, 0, w, h))
             return (torch.from_numpy(pixels), torch.tensor(box, dtype=torch.float32)), caption
         image = self.cache.image(image_index) if self.cache is not None else load_rgb(item.image)
-        crop = random_resized_crop(image, self.size, self.crop_scale, rng)
-        return torch.from_numpy(normalise(crop, self.mean, self.std)), caption
+        return training_views(image, self.size, self.mean, self.std, self.crop_scale, rng, second), caption
 
 
 class ShardDataset(torch.utils.data.IterableDataset):
@@ -169,8 +217,9 @@ class ShardDataset(torch.utils.data.IterableDataset):
 
     def __init__(self, shard_set: ShardSet, size: int, mean, std, crop_scale, captions: str, seed: int,
                  rank: int = 0, world_size: int = 1, batch_size: int = 1, passes: int | None = None,
-                 buffer: int = SHUFFLE_BUFFER, positives: int = 1):
+                 buffer: int = SHUFFLE_BUFFER, positives: int = 1, views: int = 1):
         self.shard_set, self.size, self.mean, self.std, self.positives = shard_set, size, mean, std, positives
+        self.views = views  # 2: a second crop of each image for train.image_ssl
         self.crop_scale, self.captions, self.seed = tuple(crop_scale), captions, seed
         self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
         self.passes, self.buffer = passes, buffer
@@ -251,16 +300,18 @@ class ShardDataset(torch.utils.data.IterableDataset):
                 caption = (draw_captions(captions, self.positives, rng) if caption_index is None
                            else captions[caption_index])
                 name = f"{self.shard_set.shards[index].path.name}:sample {position}.{image[0]}"
+                second = random.Random(sample_seed(self.seed, self.epoch, number, index, position, -1)) \
+                    if self.views == 2 else None
                 try:
-                    crop = random_resized_crop(load_rgb(io.BytesIO(image[1]), name=name), self.size,
-                                               self.crop_scale, rng)
+                    views = training_views(load_rgb(io.BytesIO(image[1]), name=name), self.size, self.mean,
+                                           self.std, self.crop_scale, rng, second)
                 except DataError as exc:
                     failures.append(str(exc))
                     if len(failures) > MAX_REPLACEMENTS:
                         raise DataError(f"{len(failures)} training samples in a row could not be used (last: "
                                         f"{failures[-1]}); check the shards") from None
                     continue
-                yield torch.from_numpy(normalise(crop, self.mean, self.std)), caption, tuple(failures)
+                yield views, caption, tuple(failures)
                 failures = []
             if not usable:
                 raise DataError(f"{self.shard_set.spec}: loader {consumer} of {consumers} got no usable samples "
