@@ -101,3 +101,11 @@ def test_train_with_image_ssl_resumes_exactly_and_saves_the_model_alone(runner, 
     resume = load_file(str(tmp_path / "straight" / "resume.safetensors"))
     assert any(k.startswith("head.") for k in resume)
     assert not any("head" in k for k in load_file(str(tmp_path / "straight" / "last.safetensors")))
+
+
+def test_image_ssl_with_several_positives_and_accumulation(runner, tiny_dataset, tmp_path):
+    # b images and 2b captions per micro-batch, two micro-batches per step: the views split at b, not 2b.
+    result = json_of(run_cli(runner, "train", "--data", tiny_dataset, "--preset", "tiny", "--max-steps", 2,
+                             "--batch-size", 4, "--accum-steps", 2, "--workers", 0, "--vocab-size", 300, "--json",
+                             "--set", "train.positives=2", "--set", "train.image_ssl=1", "--out", tmp_path / "run"))
+    assert result["steps"] == 2 and math.isfinite(result["last"]["train_loss"])
