@@ -105,8 +105,8 @@ def parameter_groups(model: MiniCLIP, weight_decay: float, *others: torch.nn.Mod
     positions, the class token and the temperature are left undecayed, as in CLIP. `others`: modules trained
     alongside the model (an ImageSSLHead), after its parameters."""
     decay, no_decay = [], []
-    for module in (model, *others):
-        for name, p in module.named_parameters() if module is not None else ():
+    for module in filter(None, (model, *others)):
+        for name, p in module.named_parameters():
             undecayed = p.ndim < 2 or "token_embed" in name or "positions" in name
             (no_decay if undecayed else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -436,7 +436,7 @@ def fit(config: RunConfig, tokenizer: Tokenizer, train_items: list[ImageCaptions
                     images, ids, lengths = batch_to_device(images, ids, lengths, device, config)
                     if tc.image_ssl:  # (2 b) images: the training crops, then the second views
                         b = len(lengths) // tc.positives
-                        images = torch.cat([images[:b], distort(images[b:], config.data.mean, config.data.std, draws)])
+                        images[b:] = distort(images[b:], config.data.mean, config.data.std, draws)
                     micro_batches.append((images, ids, lengths))
                     taught.append(teacher_features)
                 for group in optimizer.param_groups:

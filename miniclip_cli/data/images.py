@@ -83,8 +83,10 @@ def distort(images: torch.Tensor, mean, std, generator: torch.Generator) -> torc
     x = torch.where(flip, x.flip(-1), x)
     brightness, contrast, saturation = (0.6 + 0.8 * draw(3, b)).view(3, b, 1, 1, 1)
     y = x * brightness
-    y = (y - grey(y).mean(dim=(2, 3), keepdim=True)) * contrast + grey(y).mean(dim=(2, 3), keepdim=True)
-    y = grey(y) + (y - grey(y)) * saturation
+    level = grey(y).mean(dim=(2, 3), keepdim=True)  # b 1 1 1: each image's mean brightness
+    y = (y - level) * contrast + level
+    luma = grey(y)
+    y = luma + (y - luma) * saturation
     x = torch.where(jitter, y.clamp(0, 1), x)
     x = torch.where(greyed, grey(x).expand_as(x), x)
     return (x - mean) / std
