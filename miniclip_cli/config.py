@@ -105,6 +105,9 @@ class TrainConfig:
     # more distorted view of each image (data/images.distort), through a head used in training only
     # (train.ImageSSLHead); 0: none. The vision tower then encodes two views per image.
     image_ssl: float = 0.0
+    # weight of a next-word loss on the captions (loss.next_word_loss) through the text tower's own token
+    # embedding, so the model and its files are unchanged; 0: none.
+    caption_lm: float = 0.0
 
     def validate(self) -> None:
         if self.epochs < 1:
@@ -134,6 +137,8 @@ class TrainConfig:
             raise ConfigError(f"train.distill is a loss weight, 0 or more (0: off, e.g. 1.0); got {self.distill}")
         if not self.image_ssl >= 0.0:
             raise ConfigError(f"train.image_ssl is a loss weight, 0 or more (0: off, e.g. 1.0); got {self.image_ssl}")
+        if not self.caption_lm >= 0.0:
+            raise ConfigError(f"train.caption_lm is a loss weight, 0 or more (0: off, e.g. 1.0); got {self.caption_lm}")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"--precision must be auto, fp32 or bf16, got {self.precision!r}")
         lo, hi = self.crop_scale

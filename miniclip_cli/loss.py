@@ -90,6 +90,23 @@ def image_ssl_loss(first: torch.Tensor, second: torch.Tensor,
     return F.cross_entropy(logits, other)
 
 
+def next_word_loss(states: torch.Tensor, embedding: torch.Tensor, tokens: torch.Tensor,
+                   lengths: torch.Tensor) -> torch.Tensor:
+    """A language model's loss on the captions (train.caption_lm): states: b n w, each caption token's output
+    from the causal text tower (model.TextTransformer.states); embedding: vocab w, the tower's own token
+    embedding, reused as the output layer (tied, as in GPT-2), so the model gains no weights; tokens: b n;
+    lengths: b, as the tower takes them.
+
+    Each output up to the caption's last word guesses the token after it, the end token included, among the
+    whole vocabulary; the loss is the mean cross-entropy over those guesses (padding and the end token's own
+    output make none). The text tower then has to model the captions' language itself, not only whatever
+    tells a batch's captions apart."""
+    n = tokens.shape[1]
+    guessing = torch.arange(n - 1, device=tokens.device) < (lengths - 1)[:, None]  # b (n-1): has a next token
+    logits = states[:, :-1][guessing] @ embedding.T  # m vocab, m = sum(lengths - 1)
+    return F.cross_entropy(logits.float(), tokens[:, 1:][guessing])
+
+
 def gather_features(image_features: torch.Tensor, text_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Every process's features, in rank order: (world b) d each, so a loss over them sees the global batch.
 

@@ -107,18 +107,26 @@ class TextTransformer(nn.Module):
         self.ln_final = nn.LayerNorm(c.text_width)
         self.proj = nn.Linear(c.text_width, c.embed_dim, bias=False)
         nn.init.normal_(self.token_embed.weight, std=0.02)
-        self.pool = c.text_pool
+        self.pool_by = c.text_pool
+
+    def states(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Every token's output, b n text_width: each sees only the tokens up to it (the causal mask)."""
+        n = tokens.shape[1]
+        x = self.token_embed(tokens) + self.positions[:n]
+        for block in self.blocks:
+            x = block(x, causal=True)
+        return self.ln_final(x)
 
     def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """tokens: b n (n <= context_length, padded after the end token); lengths: b, tokens up to and
         including the end token. The causal mask means padding never reaches the end token, so a batch
         padded to its longest caption gives the same features as one padded to the full context."""
-        n = tokens.shape[1]
-        x = self.token_embed(tokens) + self.positions[:n]
-        for block in self.blocks:
-            x = block(x, causal=True)
-        x = self.ln_final(x)
-        if self.pool == "mean":  # the mean over the caption's own tokens, start and end included
+        return self.pool(self.states(tokens), lengths)
+
+    def pool(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """The caption features, b embed_dim, from its tokens' outputs x: b n text_width."""
+        n = x.shape[1]
+        if self.pool_by == "mean":  # the mean over the caption's own tokens, start and end included
             mask = (torch.arange(n, device=x.device) < lengths[:, None]).to(x.dtype)  # b n
             pooled = (x * mask[..., None]).sum(dim=1) / lengths[:, None].to(x.dtype)
         else:
@@ -149,8 +157,14 @@ class MiniCLIP(nn.Module):
         """exp(logit_scale), clamped as CLIP does so the temperature cannot collapse."""
         return self.logit_scale.exp().clamp(max=self.config.max_logit_scale)
 
-    def forward(self, images, tokens, lengths):
-        return self.encode_image(images), self.encode_text(tokens, lengths), self.scale()
+    def forward(self, images, tokens, lengths, text_states: bool = False):
+        """Image features, caption features and the logit scale; with `text_states` also every caption
+        token's output, b n text_width, which train.caption_lm's next-word loss reads."""
+        if not text_states:
+            return self.encode_image(images), self.encode_text(tokens, lengths), self.scale()
+        states = self.text.states(tokens)
+        texts = F.normalize(self.text.pool(states, lengths), dim=-1)
+        return self.encode_image(images), texts, self.scale(), states
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -21,7 +21,7 @@ from .data.shards import ShardSet
 from .device import autocast_dtype
 from .errors import ConfigError
 from .evaluate import evaluate_retrieval
-from .loss import clip_loss, distill_loss, gather_features, image_ssl_loss, siglip_loss
+from .loss import clip_loss, distill_loss, gather_features, image_ssl_loss, next_word_loss, siglip_loss
 from .model import MiniCLIP
 from .runtime import TorchEncoder
 from .teacher import CaptionTeacher
@@ -156,7 +156,7 @@ def scale_gradient(x: torch.Tensor, factor: float) -> torch.Tensor:
 def global_batch_backward(net: torch.nn.Module, model: MiniCLIP, micro_batches: list[tuple], world_size: int,
                           autocast, positives: int = 1, loss: str = "clip", distill: float = 0.0,
                           taught: list[torch.Tensor] | None = None, image_ssl: float = 0.0,
-                          head: torch.nn.Module | None = None) -> float:
+                          head: torch.nn.Module | None = None, caption_lm: float = 0.0) -> float:
     """Forward and backward for one optimizer step over this process's K micro-batches, with every micro-batch
     of every process as negatives; leaves the gradients of one loss over the global batch (W processes x K x b
     pairs) in the parameters' .grad and returns that loss. `net` is `model` or its DistributedDataParallel.
@@ -185,6 +185,9 @@ def global_batch_backward(net: torch.nn.Module, model: MiniCLIP, micro_batches: 
     image's second view, and that weight times loss.image_ssl_loss between the two views' features through
     `head` (an ImageSSLHead, or its DistributedDataParallel) is added, local to a micro-batch as distillation
     is. Only the first views meet the captions.
+
+    `caption_lm` > 0 adds that weight times loss.next_word_loss on each micro-batch's captions, local to it
+    in the same way.
     """
     k, extra = len(micro_batches), 0.0
     cached: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -202,7 +205,7 @@ def global_batch_backward(net: torch.nn.Module, model: MiniCLIP, micro_batches: 
                 sync.enter_context(wrapped.no_sync())
         with sync:
             with autocast():
-                image_features, text_features, scale = net(images, ids, lengths)
+                image_features, text_features, scale, *states = net(images, ids, lengths, bool(caption_lm))
                 views = head(image_features) if image_ssl else None  # (2 b) e
             image_features = image_features[: len(lengths) // positives]  # the training crops meet the captions
             local_texts = text_features.float()
@@ -226,6 +229,11 @@ def global_batch_backward(net: torch.nn.Module, model: MiniCLIP, micro_batches: 
                 first, second = views.float().chunk(2)
                 views_loss = image_ssl * image_ssl_loss(first, second) / k
                 total, extra = total + views_loss, extra + views_loss.item()
+            if caption_lm:
+                with autocast():
+                    words = next_word_loss(states[0], model.text.token_embed.weight, ids, lengths)
+                words_loss = caption_lm * words / k
+                total, extra = total + words_loss, extra + words_loss.item()
             total.backward()
     return value.item() + extra
 
@@ -443,7 +451,8 @@ def fit(config: RunConfig, tokenizer: Tokenizer, train_items: list[ImageCaptions
                     group["lr"] = learning_rate(step, total_steps, tc.lr, warmup)
                 optimizer.zero_grad(set_to_none=True)
                 losses.append(global_batch_backward(net, model, micro_batches, world.world_size, autocast, tc.positives,
-                                                    tc.loss, tc.distill, taught, tc.image_ssl, head_net))
+                                                    tc.loss, tc.distill, taught, tc.image_ssl, head_net,
+                                                    tc.caption_lm))
                 optimizer.step()
                 if average:
                     average.update(model, step)
