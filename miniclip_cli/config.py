@@ -35,6 +35,9 @@ class ModelConfig:
     mlp_ratio: int = 4  # MLP hidden = 4 x width = 1024 at the default width
     embed_dim: int = 256  # the shared image-text space
     dropout: float = 0.0
+    # stochastic depth in both towers (model.Block): the last block's branches are skipped in training with
+    # this chance, earlier blocks' with linearly less (model.drop_path_rates); 0: none
+    drop_path: float = 0.0
     vision_pool: str = "token"  # the image feature: "token", the class token's output; "mean", the patches' mean
     text_pool: str = "token"  # the caption feature: "token", the end token's output; "mean", all its tokens' mean
     # CLIP starts at 0.07 and learns it down to 0.01 over hundreds of thousands of steps; in Flickr8k's ~1,400
@@ -73,6 +76,8 @@ class ModelConfig:
                 raise ConfigError(f"{name} must be 'token' or 'mean', got {getattr(self, name)!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not 0.0 <= self.drop_path < 1.0:
+            raise ConfigError(f"drop_path must be in [0, 1), e.g. 0.1; got {self.drop_path}")
 
 
 @dataclass

@@ -32,10 +32,13 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+    """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x)). In training, each branch is
+    skipped for a whole sample with chance `drop_path` (stochastic depth, Huang et al. 2016) and scaled by
+    1 / (1 - drop_path) where kept, so at inference, which keeps every branch, its expected output is met."""
 
-    def __init__(self, width: int, heads: int, mlp_ratio: int, dropout: float):
+    def __init__(self, width: int, heads: int, mlp_ratio: int, dropout: float, drop_path: float = 0.0):
         super().__init__()
+        self.drop_path = drop_path
         self.ln_1 = nn.LayerNorm(width)
         self.attn = Attention(width, heads, dropout)
         self.ln_2 = nn.LayerNorm(width)
@@ -44,8 +47,20 @@ class Block(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), causal)
-        return x + self.mlp(self.ln_2(x))
+        x = x + self.skip(self.attn(self.ln_1(x), causal))
+        return x + self.skip(self.mlp(self.ln_2(x)))
+
+    def skip(self, branch: torch.Tensor) -> torch.Tensor:
+        if not (self.training and self.drop_path):
+            return branch
+        kept = torch.rand(branch.shape[0], 1, 1, device=branch.device) >= self.drop_path  # b 1 1, per sample
+        return branch * kept.to(branch.dtype) / (1 - self.drop_path)
+
+
+def drop_path_rates(rate: float, layers: int) -> list[float]:
+    """Stochastic depth rising linearly from 0 at the first block to `rate` at the last, as DeiT schedules
+    it: the first blocks, which every later one builds on, are dropped least."""
+    return [rate * i / max(1, layers - 1) for i in range(layers)]
 
 
 def conv_stem(width: int, patch_size: int) -> nn.Sequential:
@@ -76,9 +91,8 @@ class VisionTransformer(nn.Module):
         self.class_token = nn.Parameter(torch.randn(c.vision_width) * c.vision_width**-0.5)
         self.positions = nn.Parameter(torch.randn(grid * grid + 1, c.vision_width) * 0.02)
         self.ln_pre = nn.LayerNorm(c.vision_width)
-        self.blocks = nn.ModuleList(
-            Block(c.vision_width, c.vision_heads, c.mlp_ratio, c.dropout) for _ in range(c.vision_layers)
-        )
+        self.blocks = nn.ModuleList(Block(c.vision_width, c.vision_heads, c.mlp_ratio, c.dropout, rate)
+                                    for rate in drop_path_rates(c.drop_path, c.vision_layers))
         self.ln_post = nn.LayerNorm(c.vision_width)
         self.proj = nn.Linear(c.vision_width, c.embed_dim, bias=False)
         self.pool = c.vision_pool
@@ -101,9 +115,8 @@ class TextTransformer(nn.Module):
         super().__init__()
         self.token_embed = nn.Embedding(c.vocab_size, c.text_width)
         self.positions = nn.Parameter(torch.randn(c.context_length, c.text_width) * 0.01)
-        self.blocks = nn.ModuleList(
-            Block(c.text_width, c.text_heads, c.mlp_ratio, c.dropout) for _ in range(c.text_layers)
-        )
+        self.blocks = nn.ModuleList(Block(c.text_width, c.text_heads, c.mlp_ratio, c.dropout, rate)
+                                    for rate in drop_path_rates(c.drop_path, c.text_layers))
         self.ln_final = nn.LayerNorm(c.text_width)
         self.proj = nn.Linear(c.text_width, c.embed_dim, bias=False)
         nn.init.normal_(self.token_embed.weight, std=0.02)

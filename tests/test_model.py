@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from miniclip_cli.config import ModelConfig, tiny_model_config
 from miniclip_cli.loss import clip_loss, siglip_loss
 from miniclip_cli.metrics import match3_top1, retrieval_metrics, zero_shot_metrics
-from miniclip_cli.model import MiniCLIP, count_parameters
+from miniclip_cli.errors import ConfigError
+from miniclip_cli.model import Block, MiniCLIP, count_parameters, drop_path_rates
 
 
 def test_default_model_is_the_reference_size():
@@ -88,6 +89,22 @@ def reference_loss(image_features, text_features, scale):
     columns = [[logits[i][j] for i in range(n)] for j in range(n)]
     text_terms = [-(columns[j][j] - math.log(sum(math.exp(v) for v in columns[j]))) for j in range(n)]
     return (sum(image_terms) / n + sum(text_terms) / n) / 2
+
+
+def test_stochastic_depth_skips_whole_branches_in_training_only():
+    assert drop_path_rates(0.3, 4) == pytest.approx([0.0, 0.1, 0.2, 0.3]) and drop_path_rates(0.3, 1) == [0.0]
+    torch.manual_seed(0)
+    block, plain = Block(16, 2, 2, 0.0, drop_path=0.5), Block(16, 2, 2, 0.0)
+    plain.load_state_dict(block.state_dict())
+    x = torch.randn(400, 5, 16)
+    assert torch.equal(block.eval()(x), plain.eval()(x))  # inference keeps every branch, unscaled
+    out = block.train()(x)
+    untouched = (out == x).flatten(1).all(dim=1)  # both branches skipped: the sample passes through as it came
+    assert 60 < untouched.sum() < 140  # a quarter of 400
+    attention_only = x + 2 * plain.attn(plain.ln_1(x), False)  # the MLP skipped, the kept branch scaled by 2
+    assert 60 < torch.isclose(out, attention_only, atol=1e-5).flatten(1).all(dim=1).sum() < 140
+    with pytest.raises(ConfigError, match="drop_path must be in"):
+        MiniCLIP(ModelConfig(drop_path=1.0))
 
 
 def test_loss_matches_hand_written_reference():
