@@ -173,11 +173,9 @@ class MiniCLIP(nn.Module):
     def forward(self, images, tokens, lengths, text_states: bool = False):
         """Image features, caption features and the logit scale; with `text_states` also every caption
         token's output, b n text_width, which train.caption_lm's next-word loss reads."""
-        if not text_states:
-            return self.encode_image(images), self.encode_text(tokens, lengths), self.scale()
         states = self.text.states(tokens)
-        texts = F.normalize(self.text.pool(states, lengths), dim=-1)
-        return self.encode_image(images), texts, self.scale(), states
+        features = self.encode_image(images), F.normalize(self.text.pool(states, lengths), dim=-1), self.scale()
+        return (*features, states) if text_states else features
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -45,9 +45,11 @@ def test_next_word_loss_ignores_padding_and_the_states_are_the_models():
     longer = torch.cat([tokens, torch.zeros(2, 3, dtype=tokens.dtype)], dim=1)  # padded to 9, not 6
     assert next_word_loss(model.text.states(longer), embedding, longer, lengths).item() == pytest.approx(
         loss.item(), rel=1e-5)
-    # the first caption alone: its loss does not depend on its batch-mate
+    # each caption alone: neither depends on its batch-mate, and the batch's loss is their mean per guess
     alone = next_word_loss(model.text.states(tokens[:1, :4]), embedding, tokens[:1, :4], lengths[:1])
     assert math.isfinite(alone.item()) and alone.item() > 0
+    other = next_word_loss(model.text.states(tokens[1:]), embedding, tokens[1:], lengths[1:])
+    assert loss.item() == pytest.approx((3 * alone.item() + 5 * other.item()) / 8, rel=1e-5)
 
 
 def test_caption_lm_weight_is_checked():

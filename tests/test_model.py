@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 
 from miniclip_cli.config import ModelConfig, tiny_model_config
+from miniclip_cli.errors import ConfigError
 from miniclip_cli.loss import clip_loss, siglip_loss
 from miniclip_cli.metrics import match3_top1, retrieval_metrics, zero_shot_metrics
-from miniclip_cli.errors import ConfigError
 from miniclip_cli.model import Block, MiniCLIP, count_parameters, drop_path_rates
 
 
