@@ -113,6 +113,11 @@ class TrainConfig:
     # weight of a next-word loss on the captions (loss.next_word_loss) through the text tower's own token
     # embedding, so the model and its files are unchanged; 0: none.
     caption_lm: float = 0.0
+    # mild changes to the training crop (data/images.perturb): turned by up to `rotate` degrees either way,
+    # blurred with chance `blur`, made grey with chance `grey`; 0: none
+    rotate: float = 0.0
+    blur: float = 0.0
+    grey: float = 0.0
 
     def validate(self) -> None:
         if self.epochs < 1:
@@ -144,6 +149,12 @@ class TrainConfig:
             raise ConfigError(f"train.image_ssl is a loss weight, 0 or more (0: off, e.g. 1.0); got {self.image_ssl}")
         if not self.caption_lm >= 0.0:
             raise ConfigError(f"train.caption_lm is a loss weight, 0 or more (0: off, e.g. 1.0); got {self.caption_lm}")
+        if not 0.0 <= self.rotate <= 45.0:
+            raise ConfigError(f"train.rotate is the largest turn in degrees, 0-45 (0: off, e.g. 10); got {self.rotate}")
+        for name in ("blur", "grey"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"train.{name} is a chance per image in [0, 1] (0: off, e.g. 0.1); "
+                                  f"got {getattr(self, name)}")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"--precision must be auto, fp32 or bf16, got {self.precision!r}")
         lo, hi = self.crop_scale

@@ -15,7 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 from . import checkpoint, distributed
 from .config import RunConfig
 from .data.cache import open_cache
-from .data.images import DeviceCrops, PairDataset, ShardDataset, distort
+from .data.images import DeviceCrops, PairDataset, ShardDataset, distort, perturb
 from .data.layouts import ImageCaptions
 from .data.shards import ShardSet
 from .device import autocast_dtype
@@ -442,8 +442,11 @@ def fit(config: RunConfig, tokenizer: Tokenizer, train_items: list[ImageCaptions
                     if tc.token_dropout:
                         ids, lengths = drop_tokens(ids, lengths, tc.token_dropout, draws, tokenizer.pad_id)
                     images, ids, lengths = batch_to_device(images, ids, lengths, device, config)
-                    if tc.image_ssl:  # (2 b) images: the training crops, then the second views
-                        b = len(lengths) // tc.positives
+                    b = len(lengths) // tc.positives  # images; with train.image_ssl then b second views
+                    if tc.rotate or tc.blur or tc.grey:
+                        images[:b] = perturb(images[:b], config.data.mean, config.data.std, draws, tc.rotate,
+                                             tc.blur, tc.grey)
+                    if tc.image_ssl:
                         images[b:] = distort(images[b:], config.data.mean, config.data.std, draws)
                     micro_batches.append((images, ids, lengths))
                     taught.append(teacher_features)

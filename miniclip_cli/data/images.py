@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from ..errors import DataError
@@ -63,6 +64,11 @@ def training_views(im: Image.Image, size: int, mean, std, crop_scale: tuple[floa
     return torch.from_numpy(np.stack([first, other]))
 
 
+def luma(x: torch.Tensor) -> torch.Tensor:
+    """b 1 s s: the grey level (ITU-R 601) of b 3 s s images of 0-1 values."""
+    return (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2])[:, None]
+
+
 def distort(images: torch.Tensor, mean, std, generator: torch.Generator) -> torch.Tensor:
     """SimCLR's photometric changes for the second view of train.image_ssl, on normalised b 3 s s images on
     any device, drawn from a CPU `generator`: a horizontal flip (half the images), brightness, contrast and
@@ -73,9 +79,6 @@ def distort(images: torch.Tensor, mean, std, generator: torch.Generator) -> torc
     def draw(*shape: int) -> torch.Tensor:
         return torch.rand(*shape, generator=generator).to(images.device)
 
-    def grey(x: torch.Tensor) -> torch.Tensor:  # b 1 s s, ITU-R 601 luma
-        return (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2])[:, None]
-
     mean = torch.tensor(mean, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
     std = torch.tensor(std, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
     x = images * std + mean  # 0-1
@@ -83,13 +86,52 @@ def distort(images: torch.Tensor, mean, std, generator: torch.Generator) -> torc
     x = torch.where(flip, x.flip(-1), x)
     brightness, contrast, saturation = (0.6 + 0.8 * draw(3, b)).view(3, b, 1, 1, 1)
     y = x * brightness
-    level = grey(y).mean(dim=(2, 3), keepdim=True)  # b 1 1 1: each image's mean brightness
+    level = luma(y).mean(dim=(2, 3), keepdim=True)  # b 1 1 1: each image's mean brightness
     y = (y - level) * contrast + level
-    luma = grey(y)
-    y = luma + (y - luma) * saturation
+    grey = luma(y)
+    y = grey + (y - grey) * saturation
     x = torch.where(jitter, y.clamp(0, 1), x)
-    x = torch.where(greyed, grey(x).expand_as(x), x)
+    x = torch.where(greyed, luma(x).expand_as(x), x)
     return (x - mean) / std
+
+
+def perturb(images: torch.Tensor, mean, std, generator: torch.Generator, rotate: float = 0.0, blur: float = 0.0,
+            grey: float = 0.0) -> torch.Tensor:
+    """The mild changes of issue 7's list to the training crop, on normalised b 3 s s images on any device,
+    drawn from a CPU `generator`: each image turned about its centre by an angle uniform in [-rotate, rotate]
+    degrees (the corners it uncovers mirrored from the inside), blurred with chance `blur` by a Gaussian of
+    sigma 0.1-1.5 px, made grey with chance `grey`. No flips and no colour jitter: captions say left and right
+    and name colours. Turning and blurring average pixels with weights summing to one, so they work on the
+    normalised values directly; only grey needs the 0-1 ones."""
+    b, c, s, _ = images.shape
+
+    def draw(*shape: int) -> torch.Tensor:
+        return torch.rand(*shape, generator=generator).to(images.device, images.dtype)
+
+    x = images
+    if rotate:
+        angle = torch.deg2rad(rotate * (2 * draw(b) - 1))
+        cos, sin, zero = angle.cos(), angle.sin(), torch.zeros_like(angle)
+        theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)  # b 2 3
+        grid = F.affine_grid(theta, [b, c, s, s], align_corners=False)
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    if blur:
+        radius = 5  # 3.3 sigma at the largest sigma
+        sigma, chosen = 0.1 + 1.4 * draw(b), (draw(b) < blur).nonzero()[:, 0]
+        n = len(chosen)
+        offsets = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
+        kernel = torch.exp(-offsets[None] ** 2 / (2 * sigma[chosen, None] ** 2))  # n k
+        kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(c, 0)  # (n c) k, one per channel
+        y = F.pad(x[chosen].reshape(1, n * c, s, s), (radius,) * 4, mode="reflect")  # 'n c h w -> 1 (n c) h w'
+        y = F.conv2d(y, kernel[:, None, None, :], groups=n * c)  # along rows
+        y = F.conv2d(y, kernel[:, None, :, None], groups=n * c)  # along columns
+        x = x.index_copy(0, chosen, y.view(n, c, s, s))
+    if grey:
+        chosen = (draw(b) < grey).nonzero()[:, 0]
+        mean = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+        std = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+        x = x.index_copy(0, chosen, (luma(x[chosen] * std + mean) - mean) / std)
+    return x
 
 
 @dataclass
