@@ -33,6 +33,12 @@ def test_nothing_asked_leaves_the_images_alone():
     assert torch.equal(perturb(images, MEAN, STD, torch.Generator().manual_seed(0)), images)
 
 
+def test_a_batch_with_no_image_drawn_for_blur_or_grey_is_left_alone():
+    images = normalised(torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(0)))
+    out = perturb(images, MEAN, STD, torch.Generator().manual_seed(0), blur=1e-9, grey=1e-9)
+    assert torch.equal(out, images)
+
+
 def test_rotate_turns_each_image_by_at_most_the_angle_asked():
     pixels = torch.zeros(32, 3, 64, 64)
     pixels[:, :, 31:33, 8:56] = 1.0  # a horizontal bar through the centre

@@ -116,22 +116,27 @@ def perturb(images: torch.Tensor, mean, std, generator: torch.Generator, rotate:
         grid = F.affine_grid(theta, [b, c, s, s], align_corners=False)
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
     if blur:
-        radius = 5  # 3.3 sigma at the largest sigma
         sigma, chosen = 0.1 + 1.4 * draw(b), (draw(b) < blur).nonzero()[:, 0]
-        n = len(chosen)
-        offsets = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
-        kernel = torch.exp(-offsets[None] ** 2 / (2 * sigma[chosen, None] ** 2))  # n k
-        kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(c, 0)  # (n c) k, one per channel
-        y = F.pad(x[chosen].reshape(1, n * c, s, s), (radius,) * 4, mode="reflect")  # 'n c h w -> 1 (n c) h w'
-        y = F.conv2d(y, kernel[:, None, None, :], groups=n * c)  # along rows
-        y = F.conv2d(y, kernel[:, None, :, None], groups=n * c)  # along columns
-        x = x.index_copy(0, chosen, y.view(n, c, s, s))
+        if len(chosen):
+            x = x.index_copy(0, chosen, gaussian_blur(x[chosen], sigma[chosen]))
     if grey:
         chosen = (draw(b) < grey).nonzero()[:, 0]
         mean = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
         std = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
         x = x.index_copy(0, chosen, (luma(x[chosen] * std + mean) - mean) / std)
     return x
+
+
+def gaussian_blur(images: torch.Tensor, sigma: torch.Tensor, radius: int = 5) -> torch.Tensor:
+    """n c s s images, each blurred by a Gaussian of its own `sigma` (n, px), edges mirrored; the default
+    radius is 3.3 sigma at sigma 1.5."""
+    n, c, s, _ = images.shape
+    offsets = torch.arange(-radius, radius + 1, device=images.device, dtype=images.dtype)
+    kernel = torch.exp(-offsets[None] ** 2 / (2 * sigma[:, None] ** 2))  # n k
+    kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(c, 0)  # (n c) k, one per channel
+    y = F.pad(images.reshape(1, n * c, s, s), (radius,) * 4, mode="reflect")  # 'n c h w -> 1 (n c) h w'
+    y = F.conv2d(y, kernel[:, None, None, :], groups=n * c)  # along rows
+    return F.conv2d(y, kernel[:, None, :, None], groups=n * c).view(n, c, s, s)  # along columns
 
 
 @dataclass
