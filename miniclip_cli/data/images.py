@@ -121,9 +121,10 @@ def perturb(images: torch.Tensor, mean, std, generator: torch.Generator, rotate:
             x = x.index_copy(0, chosen, gaussian_blur(x[chosen], sigma[chosen]))
     if grey:
         chosen = (draw(b) < grey).nonzero()[:, 0]
-        mean = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-        std = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-        x = x.index_copy(0, chosen, (luma(x[chosen] * std + mean) - mean) / std)
+        if len(chosen):  # else no copy of the batch
+            mean = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+            std = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+            x = x.index_copy(0, chosen, (luma(x[chosen] * std + mean) - mean) / std)
     return x
 
 
