@@ -118,6 +118,10 @@ class TrainConfig:
     rotate: float = 0.0
     blur: float = 0.0
     grey: float = 0.0
+    # MixGen (Hao et al. 2023, train.mixgen): this fraction of each batch's pairs becomes new pairs, each image
+    # blended half and half with another of the batch and its caption joined to that one's; 0: none, 0.25 as
+    # in the paper. The pairs mixed in are also trained on as they are, so the batch keeps its size.
+    mixgen: float = 0.0
 
     def validate(self) -> None:
         if self.epochs < 1:
@@ -155,6 +159,13 @@ class TrainConfig:
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"train.{name} is a chance per image in [0, 1] (0: off, e.g. 0.1); "
                                   f"got {getattr(self, name)}")
+        if not 0.0 <= self.mixgen <= 0.5:
+            raise ConfigError(f"train.mixgen is the fraction of a batch's pairs mixed with another, 0 to 0.5 (0: off, "
+                              f"e.g. 0.25); got {self.mixgen}")
+        if self.mixgen and self.positives > 1:
+            raise ConfigError("train.mixgen joins one caption per image; use it with train.positives=1")
+        if self.mixgen and self.distill:
+            raise ConfigError("train.mixgen makes captions the teacher has not embedded; use it without train.distill")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"--precision must be auto, fp32 or bf16, got {self.precision!r}")
         lo, hi = self.crop_scale

@@ -253,6 +253,34 @@ def drop_tokens(ids: torch.Tensor, lengths: torch.Tensor, rate: float, generator
     return out, keep.sum(1)
 
 
+def mixgen(images: torch.Tensor, ids: torch.Tensor, lengths: torch.Tensor, m: int, context_length: int,
+           pad_id: int, end_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """MixGen (Hao et al. 2023; TrainConfig.mixgen): pairs 0..m-1 of the batch become new pairs, image i
+    blended half and half with image i + m and caption i joined to caption i + m ("<start> a dog runs
+    <end>" + "<start> a red car <end>" -> "<start> a dog runs a red car <end>", cut to the context and still
+    ending on <end>). Pairs m.. stay as they are. The batch is in random order, so the partners are random.
+    images: (v b) c h w, the b crops and with train.image_ssl then their b second views, mixed alike so that
+    a view stays its crop's twin; ids: b n; lengths: b."""
+    if m == 0:
+        return images, ids, lengths
+    b, n = ids.shape
+    views = images.reshape(-1, b, *images.shape[1:])  # v b c h w
+    views[:, :m] = (views[:, :m] + views[:, m : 2 * m]) / 2
+    first = lengths[:m] - 1  # m: <start> and the words of caption i
+    joined = torch.clamp(first + lengths[m : 2 * m] - 1, max=context_length)  # m: + words and <end> of caption i + m
+    width = max(n, int(joined.max()))
+    position = torch.arange(width, device=ids.device).expand(m, width)
+    head = ids[:m].gather(1, position.clamp(max=n - 1))
+    tail = ids[m : 2 * m].gather(1, (position - first[:, None] + 1).clamp(0, n - 1))  # its <start> skipped
+    mixed = torch.where(position < first[:, None], head, tail)
+    mixed = torch.where(position < joined[:, None], mixed, torch.full_like(mixed, pad_id))
+    mixed[torch.arange(m, device=ids.device), joined - 1] = end_id  # a cut caption still ends on <end>
+    out = torch.full((b, width), pad_id, dtype=ids.dtype, device=ids.device)
+    out[:, :n] = ids
+    out[:m] = mixed
+    return views.view_as(images), out, torch.cat([joined, lengths[m:]])
+
+
 class MovingAverage:
     """An exponential moving average of the model's weights, decay d: each step the average moves 1 - d of
     the way to the weights. Early on the decay is min(d, (1 + step) / (10 + step)) (as in TensorFlow's
@@ -448,6 +476,9 @@ def fit(config: RunConfig, tokenizer: Tokenizer, train_items: list[ImageCaptions
                                              tc.blur, tc.grey)
                     if tc.image_ssl:
                         images[b:] = distort(images[b:], config.data.mean, config.data.std, draws)
+                    if tc.mixgen:
+                        images, ids, lengths = mixgen(images, ids, lengths, int(tc.mixgen * b),
+                                                      config.model.context_length, tokenizer.pad_id, tokenizer.end_id)
                     micro_batches.append((images, ids, lengths))
                     taught.append(teacher_features)
                 for group in optimizer.param_groups:
