@@ -52,11 +52,13 @@ def _export_fp32(model: MiniCLIP, folder: Path) -> None:
         # The TorchScript exporter warns that it is deprecated and about traced shape arithmetic; the
         # parity check below is what tells whether the graph is right.
         warnings.simplefilter("ignore")
-        torch.onnx.export(_ImageEncoder(model), (torch.zeros(2, 3, c.image_size, c.image_size),), str(folder / image_file),
+        # The wrappers are put in eval mode too: the exporter restores each wrapper's mode afterwards, and a
+        # new module is in training mode, which would switch on the model's dropout and stochastic depth.
+        torch.onnx.export(_ImageEncoder(model).eval(), (torch.zeros(2, 3, c.image_size, c.image_size),), str(folder / image_file),
                           input_names=["images"], output_names=["features"], opset_version=OPSET, dynamo=False,
                           dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}})
         tokens = torch.ones(2, min(8, c.context_length), dtype=torch.long)
-        torch.onnx.export(_TextEncoder(model), (tokens, torch.tensor([tokens.shape[1], 3])), str(folder / text_file),
+        torch.onnx.export(_TextEncoder(model).eval(), (tokens, torch.tensor([tokens.shape[1], 3])), str(folder / text_file),
                           input_names=["tokens", "lengths"], output_names=["features"], opset_version=OPSET, dynamo=False,
                           dynamic_axes={"tokens": {0: "batch", 1: "length"}, "lengths": {0: "batch"},
                                         "features": {0: "batch"}})
