@@ -65,6 +65,29 @@ def json_of(result) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def assert_same_weights(run_a, run_b, atol=1e-5):
+    """The two run folders' last checkpoints hold the same weights, tensor by tensor."""
+    import torch
+
+    from miniclip_cli.checkpoint import load_run
+
+    a, _, _ = load_run(run_a, "last")
+    b, _, _ = load_run(run_b, "last")
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.allclose(pa, pb, atol=atol), name
+
+
+def assert_resumes_exactly(runner, train_args, straight, stopped):
+    """`miniclip train` with `train_args`, stopped after 3 steps in `stopped` and resumed, ends with the
+    weights of the uninterrupted run in `straight`; returns the resumed run's config."""
+    from miniclip_cli.config import load_run_config
+
+    run_cli(runner, *train_args, "--out", stopped, "--max-steps", 3)
+    run_cli(runner, "train", "--out", stopped, "--resume")
+    assert_same_weights(straight, stopped)
+    return load_run_config(stopped)
+
+
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory, tiny_dataset, runner):
     """A tiny model trained for two epochs on the tiny dataset, shared by read-only tests."""

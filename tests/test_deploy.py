@@ -158,23 +158,18 @@ def test_bench_train_needs_enough_pairs(runner, tiny_dataset):
     assert "lower --batch-size" in result.output
 
 
-def test_mean_pooled_model_exports_like_pytorch(runner, tiny_dataset, tmp_path):
-    """model.vision_pool=mean and text_pool=mean survive ONNX export: the text mask is built from lengths."""
-    run = tmp_path / "mean"
+@pytest.mark.parametrize("settings", [
+    # mean pooling: the text mask is built from lengths in the graph
+    ["model.vision_pool=mean", "model.text_pool=mean"],
+    # dropout and stochastic depth: export must not leave the model in training mode, where they would make the
+    # PyTorch reference random and the parity check fail (found on a Flickr8k run with model.drop_path=0.1)
+    ["model.drop_path=0.5", "model.dropout=0.3"],
+])
+def test_model_variants_export_like_pytorch(runner, tiny_dataset, tmp_path, settings):
+    run = tmp_path / "run"
+    overrides = [arg for setting in settings for arg in ("--set", setting)]
     run_cli(runner, "train", "--data", tiny_dataset, "--out", run, "--preset", "tiny", "--epochs", 1, "--batch-size", 8,
-            "--workers", 0, "--vocab-size", 300, "--set", "model.vision_pool=mean", "--set", "model.text_pool=mean")
-    run_cli(runner, "quantize", run)
-    checks = json.loads((run / "onnx" / "metadata.json").read_text())["checks"]
-    assert checks["fp32_vs_torch"]["image"]["max_abs_diff"] < 1e-4
-    assert checks["fp32_vs_torch"]["text"]["max_abs_diff"] < 1e-4
-
-
-def test_model_with_dropout_and_stochastic_depth_exports_like_pytorch(runner, tiny_dataset, tmp_path):
-    """Export must not leave the model in training mode: its dropout and stochastic depth would then make the
-    PyTorch reference random and the parity check fail (found on a Flickr8k run with model.drop_path=0.1)."""
-    run = tmp_path / "regularised"
-    run_cli(runner, "train", "--data", tiny_dataset, "--out", run, "--preset", "tiny", "--epochs", 1, "--batch-size", 8,
-            "--workers", 0, "--vocab-size", 300, "--set", "model.drop_path=0.5", "--set", "model.dropout=0.3")
+            "--workers", 0, "--vocab-size", 300, *overrides)
     run_cli(runner, "quantize", run)
     checks = json.loads((run / "onnx" / "metadata.json").read_text())["checks"]
     assert checks["fp32_vs_torch"]["image"]["max_abs_diff"] < 1e-4

@@ -25,7 +25,7 @@ from miniclip_cli.model import MiniCLIP
 from miniclip_cli.tokenizer import train_tokenizer
 from miniclip_cli.train import Collate, drop_tokens
 
-from .conftest import json_of, run_cli
+from .conftest import assert_resumes_exactly, assert_same_weights, json_of, run_cli
 
 
 def test_draw_captions_distinct_then_repeating():
@@ -173,10 +173,7 @@ def test_compiled_training_matches_eager(runner, tiny_dataset, tmp_path):
     eager = json_of(run_cli(runner, *common, "--out", tmp_path / "eager"))
     compiled = json_of(run_cli(runner, *common, "--out", tmp_path / "compiled", "--compile"))
     assert compiled["last"]["train_loss"] == pytest.approx(eager["last"]["train_loss"], rel=1e-4)
-    a, _, _ = load_run(tmp_path / "eager", "last")
-    b, _, _ = load_run(tmp_path / "compiled", "last")
-    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
-        assert torch.allclose(pa, pb, atol=1e-4), name
+    assert_same_weights(tmp_path / "eager", tmp_path / "compiled", atol=1e-4)
 
 
 def test_moving_average_follows_the_weights():
@@ -198,16 +195,12 @@ def test_moving_average_is_saved_and_resumes_exactly(runner, tiny_dataset, tmp_p
     common = ["train", "--data", tiny_dataset, "--preset", "tiny", "--epochs", 2, "--batch-size", 8, "--workers", 0,
               "--vocab-size", 300, "--set", "train.ema=0.9"]
     run_cli(runner, *common, "--out", tmp_path / "straight")
-    run_cli(runner, *common, "--out", tmp_path / "stopped", "--max-steps", 3)
-    run_cli(runner, "train", "--out", tmp_path / "stopped", "--resume")
-    a, _, _ = load_run(tmp_path / "straight", "last")
-    b, _, _ = load_run(tmp_path / "stopped", "last")
-    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
-        assert torch.allclose(pa, pb, atol=1e-5), name
+    assert_resumes_exactly(runner, common, tmp_path / "straight", tmp_path / "stopped")
     # last.safetensors holds the average, not the weights the optimizer left
     from safetensors.torch import load_file
 
     raw = load_file(str(tmp_path / "straight" / "resume.safetensors"))
+    a, _, _ = load_run(tmp_path / "straight", "last")
     assert not torch.equal(raw["model.visual.proj.weight"], a.state_dict()["visual.proj.weight"])
     assert torch.equal(raw["ema.visual.proj.weight"], a.state_dict()["visual.proj.weight"])
 
