@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import os
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,6 +52,11 @@ class ModelConfig:
     init_logit_bias: float | None = None  # a learnt bias on the logits, which train.loss=siglip needs (-10)
 
     def validate(self) -> None:
+        positive = ("image_size", "patch_size", "vision_width", "vision_layers", "vision_heads", "vocab_size",
+                    "context_length", "text_width", "text_layers", "text_heads", "mlp_ratio", "embed_dim")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"model setting {name} must be at least 1, got {getattr(self, name)}")
         if self.image_size % self.patch_size:
             raise ConfigError(
                 f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}; "
@@ -64,11 +73,6 @@ class ModelConfig:
         ):
             if width % heads:
                 raise ConfigError(f"{name}_width {width} is not divisible by {name}_heads {heads}")
-        positive = ("image_size", "patch_size", "vision_width", "vision_layers", "vision_heads", "vocab_size",
-                    "context_length", "text_width", "text_layers", "text_heads", "mlp_ratio", "embed_dim")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ConfigError(f"model setting {name} must be at least 1, got {getattr(self, name)}")
         if self.context_length < 3:
             raise ConfigError("context_length must be at least 3 (start token, one token, end token)")
         for name in ("vision_pool", "text_pool"):
@@ -78,6 +82,45 @@ class ModelConfig:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
         if not 0.0 <= self.drop_path < 1.0:
             raise ConfigError(f"drop_path must be in [0, 1), e.g. 0.1; got {self.drop_path}")
+        if not 0.0 < self.init_temperature <= 1.0:
+            raise ConfigError(f"init_temperature must be above 0 and at most 1, e.g. 0.03; got {self.init_temperature}")
+        if not self.max_logit_scale >= 1.0:
+            raise ConfigError(f"max_logit_scale must be at least 1, e.g. 100; got {self.max_logit_scale}")
+        tokens = (self.image_size // self.patch_size) ** 2
+        if tokens > MAX_IMAGE_TOKENS or self.context_length > MAX_CONTEXT:
+            raise ConfigError(f"image_size {self.image_size} / patch_size {self.patch_size} gives {tokens} patches and "
+                              f"context_length is {self.context_length}; at most {MAX_IMAGE_TOKENS} patches and "
+                              f"{MAX_CONTEXT} tokens, e.g. 128 / 16 and 64")
+        need, have = 4 * parameter_count(self), memory_bytes()
+        if have and need > have:
+            raise ConfigError(f"this model has {parameter_count(self) / 1e6:,.0f} M parameters, {need / 2**30:,.1f} GiB in "
+                              f"fp32, more than this machine's {have / 2**30:,.1f} GiB of memory; check the widths, "
+                              "layers and vocab_size")
+
+
+# Beyond these the attention matrices alone outgrow a laptop: 128 px / 16 gives 64 patches, captions ~20 tokens.
+MAX_IMAGE_TOKENS, MAX_CONTEXT = 16_384, 4_096
+
+
+def parameter_count(c: ModelConfig) -> int:
+    """The parameters of MiniCLIP(c), from the shapes alone (model.py builds the same), to size a config before
+    allocating it."""
+
+    def blocks(width: int, layers: int) -> int:  # attention 4 w^2, MLP 2 r w^2, their biases, two LayerNorms
+        return layers * ((4 + 2 * c.mlp_ratio) * width**2 + (9 + c.mlp_ratio) * width)
+
+    grid = (c.image_size // c.patch_size) ** 2
+    vision = (3 * c.patch_size**2 + grid + 7) * c.vision_width + blocks(c.vision_width, c.vision_layers)
+    text = (c.vocab_size + c.context_length + 2) * c.text_width + blocks(c.text_width, c.text_layers)
+    return vision + text + (c.vision_width + c.text_width) * c.embed_dim + 2
+
+
+def memory_bytes() -> int:
+    """This machine's physical memory, or 0 where the OS does not say (then no size check)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return 0
 
 
 @dataclass
@@ -173,6 +216,13 @@ class TrainConfig:
             raise ConfigError(f"crop_scale must satisfy 0 < low <= high <= 1, got {self.crop_scale}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"--max-steps must be at least 1, got {self.max_steps}")
+        if not self.weight_decay >= 0:
+            raise ConfigError(f"--weight-decay must be 0 or more, e.g. 0.2; got {self.weight_decay}")
+        if not 0.0 <= self.warmup_fraction < 1.0:
+            raise ConfigError(f"train.warmup_fraction must be in [0, 1), e.g. 0.05; got {self.warmup_fraction}")
+        if self.val_images < 0 or self.workers < -1:
+            raise ConfigError(f"train.val_images must be 0 or more and --workers -1 or more; got {self.val_images} "
+                              f"and {self.workers}")
 
 
 @dataclass
@@ -188,6 +238,14 @@ class DataConfig:
     std: tuple[float, float, float] = CLIP_STD
     allow_outside_paths: bool = False
 
+    def validate(self) -> None:
+        if len(self.mean) != 3 or len(self.std) != 3 or not all(0 < s for s in self.std):
+            raise ConfigError(f"data.mean and data.std must be three numbers each (one per colour), the std above 0, "
+                              f"e.g. {list(CLIP_STD)}; got mean {list(self.mean)}, std {list(self.std)}")
+        if not self.templates or not all("{}" in t for t in self.templates):
+            raise ConfigError(f"data.templates must be prompts with {{}} where the class name goes, e.g. "
+                              f"[\"a photo of a {{}}.\"]; got {list(self.templates)}")
+
 
 @dataclass
 class RunConfig:
@@ -198,6 +256,7 @@ class RunConfig:
     def validate(self) -> None:
         self.model.validate()
         self.train.validate()
+        self.data.validate()
         if self.train.loss == "siglip" and self.model.init_logit_bias is None:
             raise ConfigError("train.loss=siglip learns a bias on the logits: add --set model.init_logit_bias=-10 "
                               "(SigLIP's starting value)")
@@ -223,12 +282,15 @@ class RunConfig:
             bad = set(section) - known
             if bad:
                 raise ConfigError(f"{source}: unknown {name} setting(s) {sorted(bad)}; known: {sorted(known)}")
-            # JSON has no tuples; restore them so configs compare equal after a round trip.
-            fixed = {**legacy.get(name, {}), **{k: tuple(v) if isinstance(v, list) else v for k, v in section.items()}}
-            try:
-                parts[name] = klass(**fixed)
-            except TypeError as exc:
-                raise ConfigError(f"{source}: bad {name} section: {exc}") from None
+            fixed = {**legacy.get(name, {}), **section}
+            hints = typing.get_type_hints(klass)
+            for key, value in fixed.items():
+                try:
+                    fixed[key] = typed(value, hints[key])
+                except TypeError:
+                    raise ConfigError(f"{source}: {name}.{key} takes {describe(hints[key], value)}, got {value!r}; "
+                                      f"e.g. {example(klass, key)}") from None
+            parts[name] = klass(**fixed)
         config = cls(**parts)
         try:
             config.validate()
@@ -238,13 +300,67 @@ class RunConfig:
 
     @classmethod
     def load(cls, path: Path) -> RunConfig:
+        path = Path(path)
         try:
-            raw = json.loads(Path(path).read_text(encoding="utf-8"))
+            if path.stat().st_size > MAX_CONFIG_BYTES:
+                raise ConfigError(f"{path}: {path.stat().st_size:,} bytes, far more than a config.json holds; restore "
+                                  "it from the training run")
+            raw = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"{path}: missing; a run folder needs the config.json written by `miniclip train`") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{path}: not valid JSON ({exc}); restore it from the training run") from None
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            reason = str(exc)[:80] if isinstance(exc, ValueError) else "nested too deeply"
+            raise ConfigError(f"{path}: not valid JSON ({reason}); restore it from the training run") from None
         return cls.from_dict(raw, source=str(path))
+
+
+MAX_CONFIG_BYTES = 1_000_000  # a real config.json is ~2 KB
+
+
+def typed(value, hint):
+    """`value` (as JSON gives it) as the type `hint` declares, or TypeError: JSON has no tuples, so lists become
+    them (configs then compare equal after a round trip); a bool is not a number; numbers must be finite."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(hint) if a is not type(None)]
+        return None if value is None else typed(value, inner[0])
+    if hint is bool and isinstance(value, bool) or hint is str and isinstance(value, str):
+        return value
+    if hint is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    if typing.get_origin(hint) is tuple and isinstance(value, (list, tuple)):
+        args = typing.get_args(hint)
+        kinds = [args[0]] * len(value) if args[-1] is Ellipsis else list(args)
+        if len(kinds) == len(value):
+            return tuple(typed(v, k) for v, k in zip(value, kinds))
+    raise TypeError(value)
+
+
+def describe(hint, value=None) -> str:
+    """What a setting of type `hint` takes, in words: 'a number', 'two numbers like [0.5,1.0]', ..."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(hint) if a is not type(None)]
+        return describe(inner[0], value) + " or none"
+    if hint is float:
+        return "a finite number" if isinstance(value, float) and not math.isfinite(value) else "a number"
+    if typing.get_origin(hint) is tuple:
+        args = typing.get_args(hint)
+        if args[-1] is Ellipsis:
+            return "a list of texts" if args[0] is str else "a list of numbers"
+        return f"{['', 'one', 'two', 'three'][len(args)] or len(args)} numbers in brackets"
+    return {bool: "true or false", int: "a whole number", str: "text"}[hint]
+
+
+def example(klass, name: str) -> str:
+    """`--set section.name=VALUE` with the setting's default as the value, or a typical one where it has none."""
+    section = {ModelConfig: "model", TrainConfig: "train", DataConfig: "data"}[klass]
+    default = next(f for f in dataclasses.fields(klass) if f.name == name)
+    value = default.default if default.default is not dataclasses.MISSING else default.default_factory()
+    if value is None:
+        value = {"init_logit_bias": -10, "max_steps": 100}.get(name, "PATH")
+    text = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
+    return f"--set {section}.{name}={text}"
 
 
 def load_run_config(run: str | Path) -> RunConfig:
@@ -289,18 +405,32 @@ def preset_configs(name: str) -> tuple[ModelConfig, TrainConfig]:
 
 
 def apply_overrides(config: RunConfig, overrides: list[str]) -> RunConfig:
-    """A copy of `config` with each 'SECTION.KEY=VALUE' set; VALUE is read as JSON where it parses (5, 0.1,
-    true, [0.3, 1.0]) and as a string otherwise (conv). Unknown keys and impossible values fail as a config
-    file's would."""
+    """A copy of `config` with each 'SECTION.KEY=VALUE' set. VALUE is read by the setting's declared type: JSON
+    where it parses (5, 0.1, true, [0.3, 1.0], none), else as text (conv). A value of the wrong type, an
+    unknown key or an impossible value fails in one line naming the key, the value and an example."""
     raw = dataclasses.asdict(config)
+    classes = {"model": ModelConfig, "train": TrainConfig, "data": DataConfig}
     for item in overrides:
-        key, equals, value = item.partition("=")
+        key, equals, text = item.partition("=")
         section, dot, name = key.strip().partition(".")
         if not equals or not dot or section not in raw:
             raise ConfigError(f"--set {item!r}: expected SECTION.KEY=VALUE with SECTION one of model, train, data, "
-                              "e.g. --set train.positives=5 or --set model.stem=conv")
+                              "e.g. --set train.epochs=10 or --set train.loss=siglip")
+        hints = typing.get_type_hints(classes[section])
+        if name not in hints:
+            raise ConfigError(f"--set {key.strip()}: unknown {section} setting; known: {sorted(hints)}")
         try:
-            raw[section][name] = json.loads(value)
-        except json.JSONDecodeError:
-            raw[section][name] = value
+            value = None if text.strip().lower() == "none" else json.loads(text)
+        except ValueError:
+            try:
+                value = float(text)  # nan and inf, which JSON spells otherwise, to be refused as numbers
+            except ValueError:
+                value = text
+        if hints[name] is str and not isinstance(value, str):
+            value = text  # a name that looks like JSON, such as a template "1"
+        try:
+            raw[section][name] = typed(value, hints[name])
+        except TypeError:
+            raise ConfigError(f"--set {key.strip()}={text!r}: {key.strip()} takes {describe(hints[name], value)}; "
+                              f"e.g. {example(classes[section], name)}") from None
     return RunConfig.from_dict(raw, source="--set")
