@@ -42,3 +42,9 @@ class ThresholdError(MiniclipError):
     """A measured metric fell below the floor the user set (bench --min-metric)."""
 
     exit_code = 7
+
+
+class DivergedError(MiniclipError):
+    """Training produced a non-finite loss; the checkpoints from before it are unchanged."""
+
+    exit_code = 8

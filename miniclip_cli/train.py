@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import math
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -19,7 +23,7 @@ from .data.images import DeviceCrops, PairDataset, ShardDataset, distort, pertur
 from .data.layouts import ImageCaptions
 from .data.shards import ShardSet
 from .device import autocast_dtype
-from .errors import ConfigError
+from .errors import ConfigError, DivergedError
 from .evaluate import evaluate_retrieval
 from .loss import clip_loss, distill_loss, gather_features, image_ssl_loss, next_word_loss, siglip_loss
 from .model import MiniCLIP
@@ -44,11 +48,11 @@ class Callbacks:
 
 
 class TrainingInterrupted(Exception):
-    """Ctrl-C during training; a resumable checkpoint was saved at `step`."""
+    """Ctrl-C or SIGTERM (`signal`) during training; a resumable checkpoint was saved at `step`."""
 
-    def __init__(self, run: Path, step: int):
+    def __init__(self, run: Path, step: int, signal: int = 2):
         super().__init__(f"interrupted at step {step}")
-        self.run, self.step = run, step
+        self.run, self.step, self.signal = run, step, signal
 
 
 @dataclass
@@ -388,6 +392,10 @@ def fit(config: RunConfig, tokenizer: Tokenizer, train_items: list[ImageCaptions
         save_every: int | None = None, callbacks: Callbacks | None = None) -> list[dict]:
     """Train and save to `run`; returns the per-epoch history. `train_items` is a list of images or a ShardSet.
 
+    `resume` continues the run in `run` where its resume file left it, or from step 0 when it was stopped
+    before its first checkpoint. The end of an epoch (validation, then the weights, the history and the resume
+    file) is one step: interrupted, it is done again on resume.
+
     In a process group (torchrun, see distributed.py) every process calls this with the same arguments: each
     trains on its share of the data with the loss over the global batch, and only rank 0 validates, writes
     the run folder and reports through `callbacks` (the others' callbacks are not called)."""
@@ -408,27 +416,41 @@ def fit(config: RunConfig, tokenizer: Tokenizer, train_items: list[ImageCaptions
     warmup = max(1, int(tc.warmup_fraction * total_steps))
     val_items = val_items[: tc.val_images]
     amp_dtype = autocast_dtype(device, tc.precision)
+    stop_at = min(total_steps, tc.max_steps) if tc.max_steps else total_steps
+    trained_on = {"data": data_fingerprint(train_items), "config": recipe(config)}
 
     def autocast():
         return torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
 
     step, history, best = 0, [], -1.0
-    losses: list[float] = []  # this epoch's, so far; saved with the resume file so its mean survives a restart
+    losses: list[float] = []  # since the last epoch record; saved with the resume file so its mean survives a stop
     replaced = 0
     # The moving average of the weights (TrainConfig.ema) is what validation sees and best/last hold.
     average = MovingAverage(model, tc.ema) if tc.ema else None
-    if resume:
+    if resume and (run / checkpoint.RESUME).is_file():
         counters = checkpoint.load_resume(run, model, optimizer, average.model if average else None, head)
         check_world_size(counters, world.world_size, run)
-        step, best = counters["step"], counters["best_mean_recall"]
-        if step % steps_per_epoch:  # stopped mid-epoch (files from before this was saved have none)
-            losses = counters.get("epoch_losses", [])
+        check_unchanged(counters, trained_on, run)
+        step, best, losses = counters["step"], counters["best_mean_recall"], counters.get("epoch_losses", [])
         # History is written before the resume file, so it may hold a record past the resumable step.
         history = [r for r in checkpoint.read_history(run) if r["step"] <= step]
+        if history and history[-1]["step"] == step:
+            losses = []  # stopped between the epoch's record and its resume file: those losses are recorded
         model.to(device)
-    elif world.is_main:
+    elif not resume and world.is_main:
         checkpoint.save_run_files(run, config, tokenizer)
-    stop_at = min(total_steps, tc.max_steps) if tc.max_steps else total_steps
+    tokenizer_hash = checkpoint.tokenizer_sha256(run) if world.is_main else None  # only rank 0 writes weights
+
+    def epoch_pending() -> bool:
+        """Whether `step` ends an epoch (or the run) whose record is not written yet."""
+        ends = step % steps_per_epoch == 0 or step == stop_at
+        return step > 0 and ends and (not history or history[-1]["step"] < step)
+
+    if step >= stop_at and not epoch_pending():
+        limit = (f"its limit of {tc.max_steps} steps (--max-steps)" if stop_at < total_steps
+                 else f"its {tc.epochs} epochs")
+        raise ConfigError(f"{run}: the run has reached {limit}; to train it further, resume with a higher "
+                          "--max-steps or --epochs")
     net, head_net = model, head
     if world.world_size > 1:
         device_ids = [device.index] if device.type == "cuda" else None
@@ -442,16 +464,54 @@ def fit(config: RunConfig, tokenizer: Tokenizer, train_items: list[ImageCaptions
     def save_resume():
         if world.is_main:
             checkpoint.save_resume(run, model, optimizer, {
-                "step": step, "best_mean_recall": best, "epoch_losses": losses if step % steps_per_epoch else [],
-                "world_size": world.world_size}, average.model if average else None, head)
+                "step": step, "best_mean_recall": best, "epoch_losses": losses, "world_size": world.world_size,
+                **trained_on}, average.model if average else None, head)
+
+    def end_epoch(seconds: float, replaced_this_epoch: int) -> None:
+        """Validate, then write last/best, the history and the resume file: one step, done again on resume
+        if a stop cuts it short, so no epoch is ever missing from the history or from the choice of best."""
+        nonlocal best, losses
+        epoch, into = divmod(step, steps_per_epoch)
+        record = {"epoch": epoch if not into else round(epoch + into / steps_per_epoch, 3),
+                  "step": step, "train_loss": sum(losses) / max(len(losses), 1),
+                  "lr": optimizer.param_groups[0]["lr"], "temperature": 1.0 / model.scale().item(),
+                  "train_seconds": round(seconds, 2)}
+        if replaced_this_epoch:
+            record["replaced_samples"] = replaced_this_epoch
+        if world.is_main:
+            kept = average.model if average else model
+            if val_items:
+                callbacks.on_validate(math.ceil(step / steps_per_epoch))
+                kept.eval()
+                encoder = TorchEncoder(kept, tokenizer, config.data.mean, config.data.std, device, tc.precision)
+                metrics = evaluate_retrieval(encoder, val_items)
+                record.update({f"val_{k}": v for k, v in metrics.items() if k not in ("images", "captions")})
+            checkpoint.save_weights(run / checkpoint.LAST, kept, tokenizer_hash)
+            score = record.get("val_mean_recall", 0.0)
+            if score > best or not val_items:
+                checkpoint.save_weights(run / checkpoint.BEST, kept, tokenizer_hash)
+                best = score  # only once saved: a stop in between redoes this epoch's end and saves it then
+                callbacks.on_checkpoint(run / checkpoint.BEST)
+            checkpoint.write_history(run, [*history, record])
+        history.append(record)
+        losses = []
+        save_resume()
+        if world.is_main:
+            callbacks.on_epoch_end(record)
+        distributed.barrier()  # the others wait while rank 0 validates and saves
 
     try:
-        callbacks.on_start(total_steps, step, steps_per_epoch,
+        callbacks.on_start(stop_at, step, steps_per_epoch,
                            {"train_pairs": len(data.dataset), "val_images": len(val_items), "workers": workers,
                             "precision": str(amp_dtype or torch.float32).replace("torch.", ""), "device": str(device),
                             "cache_seconds": data.cache_seconds, "processes": world.world_size, "accum_steps": tc.accum_steps,
                             "batch_size": tc.batch_size, "global_batch": data.global_batch})
-        while step < stop_at:
+        seconds, replaced_this_epoch = 0.0, 0
+        while True:
+            if epoch_pending():
+                end_epoch(seconds, replaced_this_epoch)
+            if step >= stop_at:
+                break
             epoch, done = divmod(step, steps_per_epoch)
             batches = data.batches(epoch, done)
             model.train()
@@ -484,9 +544,14 @@ def fit(config: RunConfig, tokenizer: Tokenizer, train_items: list[ImageCaptions
                 for group in optimizer.param_groups:
                     group["lr"] = learning_rate(step, total_steps, tc.lr, warmup)
                 optimizer.zero_grad(set_to_none=True)
-                losses.append(global_batch_backward(net, model, micro_batches, world.world_size, autocast, tc.positives,
-                                                    tc.loss, tc.distill, taught, tc.image_ssl, head_net,
-                                                    tc.caption_lm))
+                loss = global_batch_backward(net, model, micro_batches, world.world_size, autocast, tc.positives,
+                                             tc.loss, tc.distill, taught, tc.image_ssl, head_net, tc.caption_lm)
+                if not math.isfinite(loss):
+                    # Before optimizer.step: the weights and every checkpoint stay as they were.
+                    raise DivergedError(f"{run}: the training loss became {loss} at step {step + 1} (epoch "
+                                        f"{epoch + 1}); the run's checkpoints from before it are unchanged. Train "
+                                        f"again with a lower learning rate, e.g. --lr {tc.lr / 2:g}")
+                losses.append(loss)
                 optimizer.step()
                 if average:
                     average.update(model, step)
@@ -501,36 +566,75 @@ def fit(config: RunConfig, tokenizer: Tokenizer, train_items: list[ImageCaptions
                 if step >= stop_at:
                     break
             del batches  # stops this epoch's loader processes (a shard stream never ends by itself)
-            finished_epoch = step % steps_per_epoch == 0
-            record = {"epoch": epoch + 1 if finished_epoch else round(epoch + (step % steps_per_epoch) / steps_per_epoch, 3),
-                      "step": step, "train_loss": sum(losses) / max(len(losses), 1),
-                      "lr": optimizer.param_groups[0]["lr"], "temperature": 1.0 / model.scale().item()}
-            losses = []
-            record["train_seconds"] = round(time.perf_counter() - epoch_start, 2)
-            if replaced_this_epoch:
-                record["replaced_samples"] = replaced_this_epoch
-            if world.is_main:
-                kept = average.model if average else model
-                if val_items:
-                    callbacks.on_validate(epoch + 1)
-                    kept.eval()
-                    encoder = TorchEncoder(kept, tokenizer, config.data.mean, config.data.std, device, tc.precision)
-                    metrics = evaluate_retrieval(encoder, val_items)
-                    record.update({f"val_{k}": v for k, v in metrics.items() if k not in ("images", "captions")})
-                history.append(record)
-                checkpoint.save_weights(run / checkpoint.LAST, kept)
-                score = record.get("val_mean_recall", 0.0)
-                if score > best or not val_items:
-                    best = score
-                    checkpoint.save_weights(run / checkpoint.BEST, kept)
-                    callbacks.on_checkpoint(run / checkpoint.BEST)
-                checkpoint.write_history(run, history)
-                save_resume()
-                callbacks.on_epoch_end(record)
-            else:
-                history.append(record)
-            distributed.barrier()  # the others wait while rank 0 validates and saves
-    except KeyboardInterrupt:
+            seconds = time.perf_counter() - epoch_start
+    except KeyboardInterrupt as stop:
         save_resume()
-        raise TrainingInterrupted(run, step) from None
+        raise TrainingInterrupted(run, step, getattr(stop, "signal", signal.SIGINT)) from None
     return history
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what `timeout`, Docker, Slurm and systemd send) during training: stopped as Ctrl-C is."""
+
+    signal = signal.SIGTERM
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """While training, SIGTERM raises Terminated where the loop is, so it saves a resumable checkpoint as
+    Ctrl-C does; the previous handler is put back after. Only the main thread can set handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+# Settings that change how a run executes, not what it learns: a resume may change them.
+RUNTIME = {"train": {"epochs", "max_steps", "workers", "cache", "compile", "precision", "augment", "val_images"},
+           "data": {"zero_shot", "templates"}}
+
+
+def recipe(config: RunConfig) -> dict:
+    """The settings a resumed run must share with the run it continues, as JSON values."""
+    raw = json.loads(config.to_json())
+    return {section: {k: v for k, v in values.items() if k not in RUNTIME.get(section, ())}
+            for section, values in raw.items()}
+
+
+def data_fingerprint(train_items: list[ImageCaptions] | ShardSet) -> dict:
+    """What a run trains on, cheaply: every image path with its captions (or every shard with its counts)."""
+    digest = hashlib.sha256()
+    if isinstance(train_items, ShardSet):
+        for shard in train_items.shards:
+            digest.update(f"{shard.path}\0{shard.samples}\0{shard.captions}\n".encode("utf-8", "replace"))
+        return {"sha256": digest.hexdigest(), "images": train_items.size("one")}
+    for item in train_items:
+        digest.update("\0".join((str(item.image), *item.captions, "\n")).encode("utf-8", "replace"))
+    return {"sha256": digest.hexdigest(), "images": len(train_items)}
+
+
+def check_unchanged(counters: dict, trained_on: dict, run: Path) -> None:
+    """A resume continues the run that was started: refuse one whose data or config.json changed since (the
+    step counter would mean other batches). Resume files from before this was recorded are not checked."""
+    data = counters.get("data")
+    if data and data != trained_on["data"]:
+        raise ConfigError(f"{run}: the training data changed since this run started ({data['images']} images "
+                          f"then, {trained_on['data']['images']} now, or their files or captions); resume with the "
+                          "data it was trained on, or start a new run with another --out")
+    before = counters.get("config")
+    if before:
+        now = trained_on["config"]
+        changed = [f"{section}.{key} {before[section].get(key)!r} -> {now[section].get(key)!r}"
+                   for section in now for key in sorted(set(now[section]) | set(before.get(section, {})))
+                   if before.get(section, {}).get(key) != now[section].get(key)]
+        if changed:
+            raise ConfigError(f"{run}/config.json changed since this run started ({'; '.join(changed[:3])}); put "
+                              "it back, or start a new run with another --out")
