@@ -11,7 +11,7 @@ import signal
 
 import pytest
 
-from miniclip_cli import checkpoint, train
+from miniclip_cli import checkpoint, objectives
 from miniclip_cli.tokenizer import Tokenizer, train_tokenizer
 
 from .conftest import assert_same_weights, run_cli
@@ -30,14 +30,14 @@ def _resume_counters(run):
 def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(runner, tiny_dataset, tmp_path,
                                                                               monkeypatch):
     run = tmp_path / "run"
-    real, calls = train.clip_loss, {"n": 0}
+    real, calls = objectives.clip_loss, {"n": 0}
 
     def diverging(*args, **kwargs):
         calls["n"] += 1
         value = real(*args, **kwargs)
         return value * float("nan") if calls["n"] >= 3 else value
 
-    monkeypatch.setattr(train, "clip_loss", diverging)
+    monkeypatch.setattr(objectives, "clip_loss", diverging)
     result = _train(runner, tiny_dataset, run, "--save-every", 1, code=8)
     assert "step 3" in result.output and "--lr" in result.output and "Traceback" not in result.output
     assert _resume_counters(run)["step"] == 2  # the checkpoint of the last finite step, not overwritten

@@ -187,7 +187,7 @@ def bench_train_command(
     data: Optional[str] = typer.Option(None, "--data", help="Dataset whose training images make the batches. Default: the built-in shapes."),
     batch_size: int = typer.Option(128, "--batch-size", help="Pairs per step."),
     steps: int = typer.Option(5, "--steps", help="Timed steps per way (after 2 untimed)."),
-    preset: str = typer.Option("default", "--preset", help="Model and recipe: default, reference or tiny."),
+    preset: str = typer.Option("default", "--preset", help="Model and recipe: default, shapes or tiny."),
     precision: str = typer.Option("auto", "--precision", help="The fast way's precision: auto, fp32 or bf16."),
     vocab_size: int = typer.Option(10_000, "--vocab-size", help="Vocabulary of the tokenizer trained for the run."),
     cache: bool = typer.Option(True, "--cache/--no-cache", help="Read images from the decoded-image cache, as train does."),

@@ -14,6 +14,7 @@ from typing import Optional
 import typer
 
 from ..config import (
+    REMOVED_IN,
     DataConfig,
     RunConfig,
     apply_overrides,
@@ -166,8 +167,8 @@ def train_command(
     cache: Optional[bool] = typer.Option(None, "--cache/--no-cache", help="Decode the training images once into the per-user cache (see `miniclip cache`; $MINICLIP_CACHE) and reuse them (the default)."),
     compile_model: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model: worth it on a GPU (about 2x, for tens of seconds of compiling); rarely on a CPU."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Data loader processes (per training process); -1 (the default) picks by device."),
-    preset: Optional[str] = typer.Option(None, "--preset", help="Model and recipe: default (9 M parameters), reference (temperature 0.07) or tiny (for smoke tests)."),
-    overrides: Optional[list[str]] = typer.Option(None, "--set", help="Change one config setting, SECTION.KEY=VALUE (see config.json); repeatable. E.g. --set train.positives=1 --set model.stem=linear."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="Model and recipe: default (9 M parameters), shapes (the built-in data's, the default without --data) or tiny (for smoke tests)."),
+    overrides: Optional[list[str]] = typer.Option(None, "--set", help="Change one config setting, SECTION.KEY=VALUE (see config.json); repeatable. E.g. --set train.ema=0.995 --set train.distill=1."),
     val_data: Optional[str] = typer.Option(None, "--val-data", help="Validate on this dataset's val split (for shards: the split `miniclip shard` left out)."),
     nproc: Optional[int] = typer.Option(None, "--nproc", help="Train as N processes on this machine (one per GPU): starts torchrun for you."),
     zero_shot: ZeroShot = None,
@@ -225,6 +226,10 @@ def train_command(
                                   f"{'it' if len(given) == 1 else 'them'}, or start a new run with another --out")
             run = out_dir or _latest_run_folder(dataset_name(data))
             config = load_run_config(run)
+            if config.removed:
+                raise ConfigError(f"{run}: this run trained with {', '.join(config.removed)}, which miniclip no longer "
+                                  "has, so it cannot continue with the same recipe; evaluate or export it as it is, "
+                                  f"or continue it with the last version that has it (git checkout {REMOVED_IN})")
             tokenizer = load_run_tokenizer(run, config)
             if (run / RESUME).is_file():
                 counters, _ = read_resume_metadata(run)  # a bad resume file fails now, not after the dataset is read

@@ -56,12 +56,13 @@ class TrainProgress:
                   f"{steps_per_epoch} steps per epoch, validating on {info['val_images']} images")
         self.task = self.progress.add_task("train", total=total_steps, completed=start_step, status="")
 
-    def on_step(self, step, epoch, loss, pairs_per_s, lr):
+    def on_step(self, step, epoch, loss, pairs_per_s, lr, terms=None):
         # An exponential average: single steps jitter with loader stalls.
         rate = pairs_per_s if self.smoothed_rate is None else 0.9 * self.smoothed_rate + 0.1 * pairs_per_s
         self.smoothed_rate = rate
+        parts = f" ({', '.join(f'{name} {value:.3f}' for name, value in terms.items())})" if len(terms or ()) > 1 else ""
         self.progress.update(self.task, completed=step, description=f"epoch {epoch + 1}",
-                             status=f"loss {loss:.3f}  {rate:,.0f} pairs/s")
+                             status=f"loss {loss:.3f}{parts}  {rate:,.0f} pairs/s")
 
     def on_validate(self, epoch):
         self.progress.update(self.task, status="validating...")
