@@ -1,5 +1,5 @@
 """Every image goes through one opener (data/pixels.py): only the supported formats, only regular files, one pixel
-limit checked on the header before decoding."""
+limit checked on the header before decoding, and JPEGs padded with zeros after a cut found as truncated."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import threading
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import EpsImagePlugin, Image, ImageFile
 
@@ -25,6 +26,19 @@ CLASSIFY = ("-c", "a cat", "-c", "a dog")
 
 def postscript(path: Path) -> Path:
     path.write_text("%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n0 0 moveto showpage\n%%EOF\n")
+    return path
+
+
+def photo_jpeg(path: Path) -> Path:
+    noise = np.random.default_rng(0).integers(0, 255, (120, 160, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(path, quality=90)
+    return path
+
+
+def zero_padded_jpeg(path: Path) -> Path:
+    """What a preallocating downloader leaves when cut off: the first half of a JPEG, then zeros to full size."""
+    data = photo_jpeg(path).read_bytes()
+    path.write_bytes(data[: len(data) // 2] + bytes(len(data) - len(data) // 2))
     return path
 
 
@@ -161,6 +175,29 @@ def test_fifo_in_a_zero_shot_folder_is_skipped_with_a_reason(fifo, tmp_path):
 def test_fifo_in_classify_is_exit_2(runner, trained_run, fifo):
     result = within(60, fifo, lambda: run_cli(runner, "classify", fifo, *CLASSIFY, "--model", trained_run, code=2))
     assert "not a regular file" in result.output and result.output.count("error:") == 1
+
+
+# ------------------------------------------------------------------------- 4. zero-padded truncated JPEG
+
+
+def test_zero_padded_truncated_jpeg_is_truncated(tmp_path):
+    path = zero_padded_jpeg(tmp_path / "cut.jpg")
+    assert image_problem(path).startswith("truncated")
+    with pytest.raises(DataError, match=r"cut\.jpg: truncated"):
+        load_rgb(path)
+
+
+def test_zeros_after_a_complete_jpeg_are_harmless(tmp_path):
+    path = photo_jpeg(tmp_path / "padded.jpg")
+    with open(path, "ab") as f:
+        f.write(bytes(4096))
+    assert image_problem(path) is None and load_rgb(path).size == (160, 120)
+
+
+def test_a_sound_jpeg_is_checked_from_its_header(tmp_path, monkeypatch):
+    path = photo_jpeg(tmp_path / "sound.jpg")
+    decoded = without_decoding(monkeypatch)
+    assert image_problem(path) is None and decoded == []
 
 
 # --------------------------------------------------------------------- 5. orientation, modes, GIF frames

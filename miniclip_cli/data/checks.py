@@ -39,8 +39,9 @@ def image_problem(path: str | Path) -> str | None:
       not a regular file: a FIFO, socket or device (a link to /dev/zero), never opened;
       not an image: zero bytes, a folder, text, or a format outside pixels.FORMATS (EPS, PDF...);
       truncated:    a JPEG that does not end on its end marker and then fails to decode (decoded at 1/8 scale,
-                    only when the ending is wrong: ~1 ms for a 500x375 photo), a PNG whose chunks do not
-                    verify (CRCs, no decompression), or any other format that fails a full decode;
+                    only when the ending is wrong: ~1 ms for a 500x375 photo), one cut short and padded with
+                    zeros, a PNG whose chunks do not verify (CRCs, no decompression), or any other format that
+                    fails a full decode;
       too small:    shorter side below MIN_SIDE (8) px;
       too large:    above MAX_PIXELS (50 megapixels), from the header.
     The file is opened by pixels.open_image, as every command opens it. Headers only for a sound JPEG or PNG:

@@ -6,6 +6,7 @@ eval and export all go through it, so what it refuses is refused everywhere."""
 
 from __future__ import annotations
 
+import io
 import os
 import stat
 import struct
@@ -61,6 +62,52 @@ def _regular_file(path: Path) -> BinaryIO:
         raise ImageError(path, f"unreadable ({exc.strerror or exc})", "check the file's permissions") from None
 
 
+class _Prefix(io.RawIOBase):
+    """The file `f` as if it ended after `size` bytes, without copying them (a JPEG can be large)."""
+
+    def __init__(self, f: BinaryIO, size: int):
+        self.f, self.size, self.pos = f, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        self.pos = max(0, offset + {os.SEEK_SET: 0, os.SEEK_CUR: self.pos, os.SEEK_END: self.size}[whence])
+        return self.pos
+
+    def readinto(self, buffer) -> int:
+        self.f.seek(self.pos)
+        n = self.f.readinto(memoryview(buffer)[:max(0, self.size - self.pos)])
+        self.pos += n
+        return n
+
+
+def _without_zero_padding(f: BinaryIO) -> BinaryIO:
+    """A JPEG without the zeros that end it, when they follow no end marker (FF D9). A preallocating downloader
+    cut off leaves the first part of the JPEG then zeros up to the full size, and libjpeg decodes zeros as
+    valid (grey) data; without them the decoder runs out of data and says "truncated". A sound JPEG ends on
+    FF D9, so for it this costs reading its last byte. The zeros are found a block at a time from the end, so
+    a huge (sparse) file costs time, not memory."""
+    end = f.seek(0, os.SEEK_END)
+    f.seek(end - 1)
+    if f.read(1) != b"\0":
+        return f
+    zeros = bytes(1 << 20)
+    while end > 0:
+        start = max(0, end - len(zeros))
+        f.seek(start)
+        block = f.read(end - start)
+        if block != zeros[:len(block)]:  # a memcmp: ~GB/s through a run of zeros
+            end = start + len(block.rstrip(b"\0"))
+            break
+        end = start
+    f.seek(max(0, end - 2))
+    return f if f.read(2) == b"\xff\xd9" else _Prefix(f, end)  # zeros after a complete image are harmless
+
+
 def _problem(exc: Exception) -> str:
     """What a PIL exception says about the file, as the dataset check reports it."""
     if isinstance(exc, UnidentifiedImageError):
@@ -97,6 +144,10 @@ def open_image(path: Path | BinaryIO, name: str | None = None) -> Iterator[Image
         if width * height > MAX_PIXELS:
             raise ImageError(where, f"too large ({width}x{height} = {width * height / 1e6:.0f} megapixels, "
                                     f"above the {MAX_PIXELS // 1_000_000}-megapixel limit)", "downscale it")
+        if im.format in ("JPEG", "MPO"):  # MPO: a phone's multi-picture JPEG
+            unpadded = _without_zero_padding(f)
+            if unpadded is not f:
+                im = Image.open(unpadded, formats=["JPEG"])
         with im:
             yield im
     # PIL's format plugins raise many types on damaged data (OSError, SyntaxError, struct.error, EOFError...);
