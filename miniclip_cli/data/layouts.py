@@ -58,6 +58,12 @@ _TOKEN_LINE = re.compile(r"^[^\t]+#\d+\t")
 _TOKEN_SPACED = re.compile(r"^(?P<image>\S+)#\d+\s+(?P<caption>.*)$")
 _CAPTION_NUMBER = re.compile(r"#\d+$")
 _MAX_EXAMPLES = 3
+_LINE_BREAKS = re.compile(r"\s*[\r\n]+\s*")  # inside a caption: a quoted multi-line field, a JSON "\n"
+# A quoted caption may run over this many lines (line breaks in a scraped caption); a quote that does not close
+# by then is a stray one, read as text, so that it cannot swallow the records after it.
+_MAX_RECORD_LINES = 5
+# A line that starts with an image file name and a delimiter opens a record; it is never inside a caption.
+_RECORD_START = re.compile(r"^\s*[^,\t\"]+\.(?:jpe?g|png|webp|gif|bmp|tiff?)\s*[,\t]", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -110,7 +116,7 @@ class _Parsed:
             self.examples.append(f"{where}: {why}")
 
     def add(self, image: str, caption: str, split: str | None, where: str) -> None:
-        image, caption = image.strip(), caption.strip()
+        image, caption = image.strip(), _LINE_BREAKS.sub(" ", caption.strip())
         if not image:
             self.skip(where, "no image name")
             return
@@ -160,7 +166,7 @@ def _parse_token(text: str, parsed: _Parsed) -> None:
 
 
 def _records(text: str, is_header):
-    """("line N", line) for the non-blank lines, without the first one when is_header(it) says it is one."""
+    """(line number, line) for the non-blank lines, without the first one when is_header(it) says it is one."""
     first = True
     for number, line in _lines(text):
         if not line.strip():
@@ -169,11 +175,45 @@ def _records(text: str, is_header):
             first = False
             if is_header(line.strip().lower().replace(" ", "").replace('"', "")):
                 continue
-        yield f"line {number}", line
+        yield number, line
+
+
+def _strict_fields(text: str, delimiter: str) -> list[list[str]] | None:
+    try:
+        return list(csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True))
+    except csv.Error:
+        return None
+
+
+def _spanning_record(lines: list[str], index: int, delimiter: str, width: int) -> tuple[list[str], int] | None:
+    """(fields, lines taken) when line `index` opens a quoted field that closes within _MAX_RECORD_LINES lines
+    into exactly `width` fields, and none of the lines it takes starts like a record of its own; else None.
+
+    A caption may hold a line break inside quotes, but a stray quote must not swallow the lines after it."""
+    if '"' not in lines[index] or _strict_fields(lines[index], delimiter) is not None:
+        return None  # no quote, or one that closes on its own line
+    for end in range(index + 2, min(index + _MAX_RECORD_LINES, len(lines)) + 1):
+        if _RECORD_START.match(lines[end - 1]):
+            return None
+        rows = _strict_fields("\n".join(lines[index:end]), delimiter)
+        if rows is not None:
+            return (rows[0], end - index) if len(rows) == 1 and len(rows[0]) == width else None
+    return None
 
 
 def _parse_kaggle(text: str, parsed: _Parsed) -> None:
-    for where, line in _records(text, lambda header: header == "image,caption"):
+    lines = [line for _, line in _lines(text)]
+    taken_until = 0  # line number of the last line a multi-line caption took
+    for number, line in _records(text, lambda header: header == "image,caption"):
+        if number <= taken_until:
+            continue
+        where = f"line {number}"
+        spanning = _spanning_record(lines, number - 1, ",", 2)
+        if spanning is not None:
+            (image, caption), taken = spanning
+            taken_until = number + taken - 1
+            parsed.add(image, caption, None, where)
+            continue
         if "," not in line:
             parsed.skip(where, "no comma between image and caption")
             continue
@@ -191,7 +231,8 @@ def _parse_kaggle(text: str, parsed: _Parsed) -> None:
 
 
 def _parse_pipe(text: str, parsed: _Parsed) -> None:
-    for where, line in _records(text, lambda header: header.startswith("image_name|")):
+    for number, line in _records(text, lambda header: header.startswith("image_name|")):
+        where = f"line {number}"
         parts = line.split("|", 2)
         if len(parts) != 3:
             # The real results.csv has such a line: "2199200615.jpg| 4 A dog runs across the grass ."
@@ -212,49 +253,58 @@ def _find_column(names: list[str], keys: tuple[str, ...]) -> int | None:
 
 
 def _parse_delimited(text: str, parsed: _Parsed, delimiter: str) -> None:
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    kind = "TSV" if delimiter == "\t" else "CSV"
+    lines = [line for _, line in _lines(text)]
     header: list[str] | None = None
     image_col = caption_col = split_col = None
-    line_before = 0
-    try:
-        for row in reader:
-            where = f"line {line_before + 1}"
-            line_before = reader.line_num
-            if not any(cell.strip() for cell in row):
+    taken_until = 0  # index of the line after the last one a multi-line record took
+    for index, line in enumerate(lines):
+        if index < taken_until or not line.strip():
+            continue
+        where = f"line {index + 1}"
+        spanning = _spanning_record(lines, index, delimiter, len(header)) if header is not None else None
+        if spanning is not None:
+            row, taken = spanning
+            taken_until = index + taken
+        else:
+            try:
+                row = next(csv.reader([line], delimiter=delimiter, strict=True), [])
+            except csv.Error:
+                # A quote that does not close as csv rules want is text, as in the Kaggle layout.
+                try:
+                    row = next(csv.reader([line], delimiter=delimiter, quoting=csv.QUOTE_NONE), [])
+                except csv.Error as exc:
+                    raise DataError(f"{parsed.file}: {where}: cannot be read as {kind} ({exc}); "
+                                    "fix the quoting on that line") from None
+        if not any(cell.strip() for cell in row):
+            continue
+        if header is None:
+            header = [cell.strip().lower() for cell in row]
+            image_col = _find_column(header, IMAGE_KEYS)
+            caption_col = _find_column(header, CAPTION_KEYS)
+            split_col = _find_column(header, ("split",))
+            if image_col is not None and caption_col is not None:
                 continue
-            if header is None:
-                header = [cell.strip().lower() for cell in row]
-                image_col = _find_column(header, IMAGE_KEYS)
-                caption_col = _find_column(header, CAPTION_KEYS)
-                split_col = _find_column(header, ("split",))
-                if image_col is not None and caption_col is not None:
-                    continue
-                if delimiter == "\t" and len(row) == 2:
-                    # A bare two-column TSV: the first line is already data.
-                    header, image_col, caption_col, split_col = ["image", "caption"], 0, 1, None
-                else:
-                    kind = "TSV" if delimiter == "\t" else "CSV"
-                    raise DataError(
-                        f"{parsed.file}: the first line of this {kind} names no image column (one of: "
-                        f"{', '.join(IMAGE_KEYS)}) and caption column (one of: {', '.join(CAPTION_KEYS)}); "
-                        "add such a header line"
-                    )
-            assert image_col is not None and caption_col is not None
-            if len(row) <= max(image_col, caption_col):
-                parsed.skip(where, f"expected {len(header)} columns, found {len(row)}")
-                continue
-            if caption_col == len(header) - 1:
-                # An unquoted delimiter inside the last column (a caption with a comma) splits it; rejoin.
-                caption = delimiter.join(row[caption_col:])
+            if delimiter == "\t" and len(row) == 2:
+                # A bare two-column TSV: the first line is already data.
+                header, image_col, caption_col, split_col = ["image", "caption"], 0, 1, None
             else:
-                caption = row[caption_col]
-            split = _split_name(row[split_col]) if split_col is not None and split_col < len(row) else None
-            parsed.add(row[image_col], caption, split, where)
-    except csv.Error as exc:
-        raise DataError(
-            f"{parsed.file}: line {reader.line_num}: cannot be read as {'TSV' if delimiter == chr(9) else 'CSV'}"
-            f" ({exc}); fix the quoting on that line"
-        ) from None
+                raise DataError(
+                    f"{parsed.file}: the first line of this {kind} names no image column (one of: "
+                    f"{', '.join(IMAGE_KEYS)}) and caption column (one of: {', '.join(CAPTION_KEYS)}); "
+                    "add such a header line"
+                )
+        assert image_col is not None and caption_col is not None
+        if len(row) <= max(image_col, caption_col):
+            parsed.skip(where, f"expected {len(header)} columns, found {len(row)}")
+            continue
+        if caption_col == len(header) - 1:
+            # An unquoted delimiter inside the last column (a caption with a comma) splits it; rejoin.
+            caption = delimiter.join(row[caption_col:])
+        else:
+            caption = row[caption_col]
+        split = _split_name(row[split_col]) if split_col is not None and split_col < len(row) else None
+        parsed.add(row[image_col], caption, split, where)
 
 
 def _parse_jsonl(text: str, parsed: _Parsed) -> None:
