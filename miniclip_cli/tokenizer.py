@@ -16,6 +16,7 @@ from tokenizers import (
     trainers,
 )
 
+from .data.layouts import clean_caption
 from .errors import CheckpointError
 
 PAD, START, END = "<pad>", "<start>", "<end>"
@@ -101,7 +102,8 @@ def train_tokenizer(captions: Iterable[str], vocab_size: int = 10_000, min_frequ
         vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIALS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
     )
-    hf.train_from_iterator(captions, trainer=trainer)
+    # Captions reach here from the caption-file layouts and shards, already clean; these are the last guard.
+    hf.train_from_iterator(map(clean_caption, captions), trainer=trainer)
     start, end = hf.token_to_id(START), hf.token_to_id(END)
     hf.post_processor = processors.TemplateProcessing(single=f"{START} $A {END}", special_tokens=[(START, start), (END, end)])
     return Tokenizer(hf)

@@ -64,3 +64,84 @@ def test_tsv_and_jsonl_newlines_in_a_caption_become_spaces(tmp_path):
     assert captions_of(cs) == [("a.jpg", ("one two",))]
     cs = load_caption_set(write(tmp_path / "captions.jsonl", json.dumps({"image": "a.jpg", "caption": "x\r\ny"})))
     assert captions_of(cs) == [("a.jpg", ("x y",))]
+
+
+# ---------------------------------------------------------------------------------- half a surrogate pair
+
+
+def _jpeg() -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_lone_surrogate_in_jsonl_captions_trains_the_tokenizer(runner, tmp_path):
+    folder = tmp_path / "data"
+    make_images(folder / "Images", ["a.jpg", "b.jpg"])
+    # As a truncated scrape writes it: the first half of an emoji's surrogate pair, as a JSON escape.
+    write(folder / "captions.jsonl", '{"image": "a.jpg", "caption": "a dog \\ud83d running"}\n'
+                                     '{"image": "b.jpg", "captions": ["\\ud83d", "a cat"]}\n')
+    assert captions_of(load_caption_set(folder)) == [("a.jpg", ("a dog ? running",)), ("b.jpg", ("?", "a cat"))]
+    run_cli(runner, "train-tokenizer", "--data", folder, "--out", tmp_path / "tokenizer.json", "--vocab-size", 300)
+    assert (tmp_path / "tokenizer.json").is_file()
+
+
+def test_lone_surrogate_in_shard_captions_trains_the_tokenizer(tmp_path):
+    from miniclip_cli.data.shards import open_shards, shard_captions
+    from miniclip_cli.tokenizer import train_tokenizer
+
+    write_tar(tmp_path / "shards" / "000000.tar", [("0.jpg", _jpeg()), ("0.json", b'{"captions": ["a dog \\ud83d"]}'),
+                                                   ("1.jpg", _jpeg()), ("1.txt", b"a cat")])
+    captions = list(shard_captions(open_shards(str(tmp_path / "shards"))))
+    assert captions == ["a dog ?", "a cat"]
+    assert train_tokenizer(captions, vocab_size=300).vocab_size > 256
+
+
+def test_tokenizer_trains_on_raw_captions_with_lone_surrogates():
+    from miniclip_cli.tokenizer import train_tokenizer
+
+    tokenizer = train_tokenizer(["a dog \ud83d running", "\udc00", "a cat"] * 3, vocab_size=300)
+    ids, lengths = tokenizer.encode(["a dog \ud83d running"], 32)
+    assert tokenizer.decode(ids[0][: lengths[0]]) == "a dog ? running"
+
+
+# -------------------------------------------------------------------------------------------- long captions
+
+
+def test_long_caption_is_cut_and_counted_in_the_dataset_warning(runner, tmp_path):
+    folder = tmp_path / "data"
+    make_images(folder / "Images", ["a.jpg", "b.jpg"])
+    write(folder / "captions.txt", "image,caption\na.jpg," + "word " * 400 + "\nb.jpg,a cat\n")
+    cs = load_caption_set(folder)
+    assert cs.cut_captions == 1 and cs.skipped == 0
+    assert cs.items[0].captions[0] == ("word " * 200).strip()
+    result = run_cli(runner, "train-tokenizer", "--data", folder, "--out", tmp_path / "tok.json", "--vocab-size", 300)
+    assert "1 caption(s) over 1,000 characters" in result.output
+
+
+def test_long_shard_caption_is_cut(tmp_path):
+    from miniclip_cli.data.shards import open_shards, shard_captions
+
+    write_tar(tmp_path / "shards" / "000000.tar", [("0.jpg", _jpeg()), ("0.txt", b"x" * 5000)])
+    assert list(shard_captions(open_shards(str(tmp_path / "shards")))) == ["x" * 1000]
+
+
+def test_one_word_caption_of_a_megabyte_does_not_hang_tokenizer_training(tmp_path):
+    # Training on the raw word is quadratic in its length (minutes); on the first 1,000 characters, instant.
+    code = ("from miniclip_cli.tokenizer import train_tokenizer; "
+            "print(train_tokenizer(['x' * 1_000_000, 'a dog'], vocab_size=300).vocab_size)")
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr[-2000:]

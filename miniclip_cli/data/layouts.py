@@ -59,6 +59,9 @@ _TOKEN_SPACED = re.compile(r"^(?P<image>\S+)#\d+\s+(?P<caption>.*)$")
 _CAPTION_NUMBER = re.compile(r"#\d+$")
 _MAX_EXAMPLES = 3
 _LINE_BREAKS = re.compile(r"\s*[\r\n]+\s*")  # inside a caption: a quoted multi-line field, a JSON "\n"
+# CLIP's captions are about 12 words, and the model reads 64 tokens at most; a longer caption is a scrape gone
+# wrong, and one long word of it makes tokenizer training quadratic. Cut, not skipped: the start is still a caption.
+MAX_CAPTION_CHARS = 1000
 # A quoted caption may run over this many lines (line breaks in a scraped caption); a quote that does not close
 # by then is a stray one, read as text, so that it cannot swallow the records after it.
 _MAX_RECORD_LINES = 5
@@ -83,6 +86,7 @@ class CaptionSet:
     skipped_examples: list[str]  # at most 3, e.g. "line 17: no tab between image and caption"
     has_splits: bool
     empty_captions: int = 0  # how many of `skipped` were an image with an empty caption
+    cut_captions: int = 0  # captions over MAX_CAPTION_CHARS, cut to that length (not skipped)
 
 
 # ----------------------------------------------------------------------------------------------- parsing
@@ -107,6 +111,7 @@ class _Parsed:
         self.groups: dict[str, _Group] = {}
         self.skipped = 0
         self.empty_captions = 0
+        self.cut_captions = 0
         self.examples: list[str] = []
         self.split_coco: str | None = None  # e.g. "train2017", a folder name worth trying as image root
 
@@ -116,7 +121,10 @@ class _Parsed:
             self.examples.append(f"{where}: {why}")
 
     def add(self, image: str, caption: str, split: str | None, where: str) -> None:
-        image, caption = image.strip(), _LINE_BREAKS.sub(" ", caption.strip())
+        image, caption = image.strip(), _one_line(caption)
+        if len(caption) > MAX_CAPTION_CHARS:
+            self.cut_captions += 1
+            caption = caption[:MAX_CAPTION_CHARS].rstrip()
         if not image:
             self.skip(where, "no image name")
             return
@@ -132,6 +140,19 @@ class _Parsed:
         elif group.split is None:
             group.split = split
         group.captions.append(caption)
+
+
+def _one_line(text: str) -> str:
+    """`text` stripped, its line breaks as spaces, and any lone surrogate (half an emoji, from a truncated
+    JSON "\\ud83d") as "?": the tokenizer cannot take one."""
+    if not text.isascii():
+        text = text.encode("utf-8", "replace").decode("utf-8")
+    return _LINE_BREAKS.sub(" ", text.strip())
+
+
+def clean_caption(text: str) -> str:
+    """A caption as every reader of captions hands it on: one line of valid Unicode, cut to MAX_CAPTION_CHARS."""
+    return _one_line(text)[:MAX_CAPTION_CHARS].rstrip()
 
 
 def _lines(text: str):
@@ -611,6 +632,7 @@ def load_caption_set(path: str | Path, allow_outside: bool = False) -> CaptionSe
         skipped_examples=parsed.examples,
         has_splits=any(item.split for item in items),
         empty_captions=parsed.empty_captions,
+        cut_captions=parsed.cut_captions,
     )
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from ..errors import ConfigError, DataError
 from ..run_files import atomic_write
-from .layouts import ImageCaptions
+from .layouts import ImageCaptions, clean_caption
 from .pixels import load_rgb
 
 MANIFEST = "manifest.json"
@@ -166,14 +166,14 @@ def _key_and_extension(name: str) -> tuple[str, str]:
 def _parse_captions(extension: str, data: bytes) -> list[str]:
     text = data.decode("utf-8")
     if extension == "txt":
-        return [text.strip()] if text.strip() else []
+        return [clean_caption(text)] if text.strip() else []
     value = json.loads(text)
     captions = value.get("captions", value.get("caption", value.get("text"))) if isinstance(value, dict) else value
     if isinstance(captions, str):
         captions = [captions]
     if not isinstance(captions, list):
         return []
-    return [c.strip() for c in captions if isinstance(c, str) and c.strip()]
+    return [clean_caption(c) for c in captions if isinstance(c, str) and c.strip()]
 
 
 def read_samples(path: Path, images: bool = True) -> Iterator[tuple[str, tuple[str, bytes] | None, list[str], str | None]]:
