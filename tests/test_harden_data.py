@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -145,3 +146,70 @@ def test_one_word_caption_of_a_megabyte_does_not_hang_tokenizer_training(tmp_pat
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60,
                           env={**os.environ, "PYTHONPATH": str(REPO)})
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+# ------------------------------------------------------------------------------------------------- shards
+
+
+def _shard_folder(tmp_path: Path, samples: int = 2) -> Path:
+    members = []
+    for n in range(samples):
+        members += [(f"{n}.jpg", _jpeg()), (f"{n}.json", json.dumps({"captions": [f"caption {n}"]}).encode())]
+    return write_tar(tmp_path / "shards" / "000000.tar", members).parent
+
+
+def _manifest(folder: Path, text: str) -> Path:
+    (folder / "manifest.json").write_text(text, encoding="utf-8")
+    return folder / "manifest.json"
+
+
+def test_deeply_nested_shard_caption_is_a_skipped_sample(tmp_path):
+    from miniclip_cli.data.shards import open_shards, read_samples
+
+    nested = b'{"captions": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    folder = write_tar(tmp_path / "shards" / "000000.tar",
+                       [("0.jpg", _jpeg()), ("0.json", nested), ("1.jpg", _jpeg()), ("1.txt", b"a cat")]).parent
+    problems = [problem for _, _, _, problem in read_samples(folder / "000000.tar")]
+    assert problems[1] is None and "000000.tar:0.json" in problems[0] and "skipped" in problems[0]
+    assert open_shards(str(folder)).size("all") == 1
+
+
+@pytest.mark.parametrize("manifest", [
+    '{"shards": ' + "[" * 100_000 + "]" * 100_000 + "}",
+    '{"shards": [{"name": "000000.tar", "samples": 1000000000, "captions": 1000000000}]}',
+    '{"shards": [{"name": "000000.tar", "samples": 2, "captions": 1000000000}]}',
+    '{"shards": [{"name": "000000.tar", "samples": -1, "captions": 2}]}',
+    '{"shards": [{"name": "000000.tar", "samples": 2.5, "captions": 2}]}',
+    '{"shards": [{"name": "000000.tar", "samples": "2", "captions": 2}]}',
+    '{"shards": [{"name": "000000.tar", "samples": true, "captions": 2}]}',
+], ids=["nested", "a billion samples", "a billion captions", "negative", "fraction", "text", "boolean"])
+def test_manifest_that_cannot_be_right_is_refused_with_the_fix(tmp_path, manifest):
+    from miniclip_cli.data.shards import open_shards
+
+    folder = _shard_folder(tmp_path)
+    path = _manifest(folder, manifest)
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}: .*miniclip shard.*delete") as refused:
+        open_shards(str(folder))
+    assert "\n" not in str(refused.value)
+    path.unlink()  # counted from the shards themselves
+    assert open_shards(str(folder)).size("all") == 2
+
+
+def test_manifest_that_fits_the_shard_is_used(tmp_path):
+    from miniclip_cli.data.shards import open_shards
+
+    folder = _shard_folder(tmp_path)
+    _manifest(folder, '{"shards": [{"name": "000000.tar", "samples": 2, "captions": 3}]}')
+    assert open_shards(str(folder)).size("all") == 3  # trusted, not recounted
+
+
+def test_oversized_caption_member_is_skipped_and_named(tmp_path, monkeypatch):
+    from miniclip_cli.data import shards
+
+    monkeypatch.setattr(shards, "MAX_CAPTION_BYTES", 100)
+    folder = write_tar(tmp_path / "shards" / "000000.tar",
+                       [("0.jpg", _jpeg()), ("0.json", json.dumps({"captions": ["x" * 200]}).encode()),
+                        ("1.jpg", _jpeg()), ("1.txt", b"a cat")]).parent
+    problems = [problem for _, _, _, problem in shards.read_samples(folder / "000000.tar", images=False)]
+    assert problems[1] is None and problems[0].startswith("000000.tar:0.json: over ")
+    assert shards.open_shards(str(folder)).size("all") == 1
