@@ -213,3 +213,75 @@ def test_oversized_caption_member_is_skipped_and_named(tmp_path, monkeypatch):
     problems = [problem for _, _, _, problem in shards.read_samples(folder / "000000.tar", images=False)]
     assert problems[1] is None and problems[0].startswith("000000.tar:0.json: over ")
     assert shards.open_shards(str(folder)).size("all") == 1
+
+
+# ---------------------------------------------------------------------------------------------- tokenizer
+
+CAPTIONS = ["a dog runs on the grass", "a cat sits on a mat", "two birds fly"] * 5
+
+
+@pytest.mark.parametrize("vocab_size", [259, 0, -5, 10**8, 1_000_001])
+def test_tokenizer_refuses_vocab_sizes_out_of_bounds(vocab_size):
+    from miniclip_cli.errors import ConfigError
+    from miniclip_cli.tokenizer import train_tokenizer
+
+    with pytest.raises(ConfigError, match=f"vocab size {vocab_size:,} .*between 260 and 1,000,000"):
+        train_tokenizer(CAPTIONS, vocab_size=vocab_size)
+
+
+def test_saving_a_tokenizer_over_an_old_one_that_fails_leaves_the_old_one(tmp_path, monkeypatch):
+    from miniclip_cli.errors import SaveError
+    from miniclip_cli.tokenizer import Tokenizer, train_tokenizer
+
+    path = tmp_path / "tokenizer.json"
+    old = train_tokenizer(CAPTIONS, vocab_size=280)
+    old.save(path)
+    before = path.read_bytes()
+
+    def disk_full(self, *args, **kwargs):
+        with open(self, "w") as f:
+            f.write('{"version": "1.0", "trunc')  # the partial write a full disk leaves
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", disk_full)
+    with pytest.raises(SaveError, match=rf"^{re.escape(str(path))}: could not be written \(No space left on device\)"):
+        train_tokenizer(CAPTIONS, vocab_size=300).save(path)
+    monkeypatch.undo()
+    assert path.read_bytes() == before and Tokenizer.load(path).vocab_size == old.vocab_size
+    assert [p.name for p in tmp_path.iterdir()] == ["tokenizer.json"]  # no temporary file left
+
+
+def _crafted(tmp_path: Path, change) -> Path:
+    from miniclip_cli.tokenizer import train_tokenizer
+
+    data = json.loads(train_tokenizer(CAPTIONS, vocab_size=300).to_json())
+    change(data)
+    path = tmp_path / "tokenizer.json"
+    path.write_text(json.dumps(data), encoding="utf-8")
+    return path
+
+
+def _gap(data):
+    """The last merged token moved to id 9000: the vocabulary keeps its size but has a gap."""
+    vocab = data["model"]["vocab"]
+    last = max(vocab, key=vocab.get)
+    vocab[last] = 9000
+
+
+def _added(data):
+    """An added token that shadows the model's last id with one far past the vocabulary."""
+    data["added_tokens"].append({"id": 9000, "content": "zebra", "single_word": False, "lstrip": False,
+                                 "rstrip": False, "normalized": True, "special": False})
+    data["model"]["vocab"]["zebra"] = 9000
+
+
+@pytest.mark.parametrize("change", [_gap, _added], ids=["vocabulary with a gap", "added token past the end"])
+def test_tokenizer_with_ids_past_its_vocabulary_is_refused(tmp_path, change):
+    from miniclip_cli.errors import CheckpointError
+    from miniclip_cli.tokenizer import Tokenizer
+
+    path = _crafted(tmp_path, change)
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(path))}: token ids up to 9000 .*retrain.*restore"):
+        Tokenizer.load(path)
+    with pytest.raises(CheckpointError, match="token ids up to 9000"):
+        Tokenizer.from_json(path.read_text(encoding="utf-8"))
