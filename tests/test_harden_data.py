@@ -285,3 +285,51 @@ def test_tokenizer_with_ids_past_its_vocabulary_is_refused(tmp_path, change):
         Tokenizer.load(path)
     with pytest.raises(CheckpointError, match="token ids up to 9000"):
         Tokenizer.from_json(path.read_text(encoding="utf-8"))
+
+
+# ------------------------------------------------------------------------------- only regular files, bounded
+
+
+def test_data_that_is_a_device_is_refused(runner):
+    result = run_cli(runner, "train-tokenizer", "--data", "/dev/zero", "--out", "unused.json", code=2)
+    assert "/dev/zero: not a regular file" in result.output and "Traceback" not in result.output
+
+
+def test_caption_file_that_links_to_a_device_is_refused(tmp_path):
+    (tmp_path / "Images").mkdir()
+    (tmp_path / "captions.txt").symlink_to("/dev/zero")
+    with pytest.raises(DataError, match=r"captions\.txt: not a regular file"):
+        load_caption_set(tmp_path)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are POSIX")
+def test_caption_file_that_is_a_named_pipe_is_refused_without_waiting(tmp_path):
+    os.mkfifo(tmp_path / "captions.csv")
+    # Opening a pipe waits for a writer that never comes: run where a hang ends in a timeout, not a stuck suite.
+    code = ("from miniclip_cli.data.layouts import load_caption_set; from miniclip_cli.errors import DataError\n"
+            "try:\n    load_caption_set('captions.csv')\nexcept DataError as exc:\n    print(exc)")
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert "captions.csv: not a regular file" in done.stdout, done.stderr[-2000:]
+
+
+def test_caption_file_over_the_size_bound_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(layouts, "MAX_CAPTION_FILE_BYTES", 100)
+    file = write(tmp_path / "captions.txt", "image,caption\n" + "a.jpg,a dog\n" * 20)
+    with pytest.raises(DataError, match=r"captions\.txt: 254 bytes, over the 100 a caption file may hold"):
+        load_caption_set(file)
+
+
+@pytest.mark.parametrize("name, text", [
+    ("dataset_flickr8k.json", '{"images": ' + "[" * 100_000 + "]" * 100_000 + "}"),
+    ("captions_train2017.json", '{"annotations": ' + "[" * 100_000 + "]" * 100_000 + "}"),
+], ids=["Karpathy", "COCO"])
+def test_deeply_nested_caption_json_is_a_data_error(tmp_path, name, text):
+    with pytest.raises(DataError, match=rf"{re.escape(name)}: not valid JSON \(RecursionError\)"):
+        load_caption_set(write(tmp_path / name, text))
+
+
+def test_deeply_nested_jsonl_record_is_a_skipped_line(tmp_path):
+    nested = '{"image": "b.jpg", "caption": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    cs = load_caption_set(write(tmp_path / "captions.jsonl", '{"image": "a.jpg", "caption": "a dog"}\n' + nested))
+    assert captions_of(cs) == [("a.jpg", ("a dog",))] and cs.skipped_examples == ["line 2: not valid JSON"]

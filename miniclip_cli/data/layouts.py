@@ -15,6 +15,7 @@ import json
 import os
 import random
 import re
+import stat
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -45,6 +46,9 @@ _SEARCH: tuple[tuple[tuple[str, ...], str], ...] = (
     (("captions.csv", "captions.tsv", "captions.jsonl"), "captions.csv / .tsv / .jsonl"),
 )
 _ANY_TABLE = (".csv", ".tsv", ".jsonl")
+# COCO's caption JSON, the largest caption file in common use, is about 90 MB; a bigger one is something else,
+# and reading it would only fill the memory.
+MAX_CAPTION_FILE_BYTES = 2 * 1024**3
 _KNOWN_LAYOUTS = ", ".join(desc for _, desc in _SEARCH) + ", or one .csv/.tsv/.jsonl with image and caption columns"
 
 _SPLIT_ALIASES = {
@@ -423,7 +427,7 @@ def _parse_coco(data: dict, parsed: _Parsed) -> None:
 
 
 def _listing(folder: Path) -> list[tuple[int, str, Path]]:
-    """(depth, relative name, path) of the files in `folder` and in its immediate subfolders."""
+    """(depth, relative name, path) of the files (all but folders) in `folder` and in its immediate subfolders."""
     found: list[tuple[int, str, Path]] = []
     try:
         top = sorted(os.scandir(folder), key=lambda e: e.name)
@@ -432,12 +436,14 @@ def _listing(folder: Path) -> list[tuple[int, str, Path]]:
     for entry in top:
         if entry.name.startswith("."):
             continue  # macOS '._captions.txt' resource forks and other hidden files
+        # Not only regular files: a captions.txt that links to a device is found, and refused by _read_text
+        # with a reason, rather than reported as no caption file at all.
         try:
-            if entry.is_file():
+            if not entry.is_dir():
                 found.append((0, entry.name, Path(entry.path)))
-            elif entry.is_dir():
+            else:
                 for sub in sorted(os.scandir(entry.path), key=lambda e: e.name):
-                    if not sub.name.startswith(".") and sub.is_file():
+                    if not sub.name.startswith(".") and not sub.is_dir():
                         found.append((1, f"{entry.name}/{sub.name}", Path(sub.path)))
         except OSError:
             continue
@@ -468,10 +474,21 @@ def _find_caption_file(folder: Path) -> Path:
 
 
 def _read_text(file: Path) -> str:
+    """The text of a regular file of at most MAX_CAPTION_FILE_BYTES: a device (/dev/zero) or a pipe behind a
+    caption file's name would never end."""
     try:
-        raw = file.read_bytes()
+        # O_NONBLOCK: opening a named pipe would wait for a writer; a regular file ignores the flag.
+        fd = os.open(file, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+        with os.fdopen(fd, "rb") as handle:
+            info = os.fstat(handle.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                raise DataError(f"{file}: not a regular file (a device, pipe or socket); give the caption file itself")
+            raw = handle.read(MAX_CAPTION_FILE_BYTES + 1)  # no more, even should the file grow meanwhile
     except OSError as exc:
         raise DataError(f"{file}: cannot be read ({exc.strerror or exc}); check its permissions") from None
+    if len(raw) > MAX_CAPTION_FILE_BYTES:
+        raise DataError(f"{file}: {max(len(raw), info.st_size):,} bytes, over the {MAX_CAPTION_FILE_BYTES:,} a "
+                        "caption file may hold; check that this is the caption file")
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -589,8 +606,8 @@ def load_caption_set(path: str | Path, allow_outside: bool = False) -> CaptionSe
     given = Path(os.path.abspath(os.fspath(path)))
     if given.is_dir():
         file = _find_caption_file(given)
-    elif given.is_file():
-        file = given
+    elif given.exists():
+        file = given  # _read_text refuses what is not a regular file
     else:
         raise DataError(f"{given}: not found; give a dataset folder or a caption file")
 
