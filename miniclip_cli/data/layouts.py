@@ -483,12 +483,13 @@ def _read_text(file: Path) -> str:
             info = os.fstat(handle.fileno())
             if not stat.S_ISREG(info.st_mode):
                 raise DataError(f"{file}: not a regular file (a device, pipe or socket); give the caption file itself")
-            raw = handle.read(MAX_CAPTION_FILE_BYTES + 1)  # no more, even should the file grow meanwhile
+            raw = b"" if info.st_size > MAX_CAPTION_FILE_BYTES else handle.read(MAX_CAPTION_FILE_BYTES + 1)
     except OSError as exc:
         raise DataError(f"{file}: cannot be read ({exc.strerror or exc}); check its permissions") from None
-    if len(raw) > MAX_CAPTION_FILE_BYTES:
-        raise DataError(f"{file}: {max(len(raw), info.st_size):,} bytes, over the {MAX_CAPTION_FILE_BYTES:,} a "
-                        "caption file may hold; check that this is the caption file")
+    size = max(info.st_size, len(raw))  # the read is bounded too, should the file grow meanwhile
+    if size > MAX_CAPTION_FILE_BYTES:
+        raise DataError(f"{file}: {size:,} bytes, over the {MAX_CAPTION_FILE_BYTES:,} a caption file may hold; "
+                        "check that this is the caption file")
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
