@@ -22,7 +22,8 @@ from .run_files import atomic_write
 
 PAD, START, END = "<pad>", "<start>", "<end>"
 SPECIALS = [PAD, START, END]  # ids 0, 1, 2
-# The 256 byte tokens and the specials, at least; past a million the trainer's tables abort the process.
+# At least the 256 byte tokens and the 3 specials. No caption set needs a million tokens, and far larger sizes
+# (10^8) have ended in an abort inside the Rust trainer.
 MIN_VOCAB, MAX_VOCAB = 260, 1_000_000
 
 
