@@ -17,6 +17,7 @@ from tokenizers import (
 )
 
 from .errors import CheckpointError
+from .run_files import atomic_write
 
 PAD, START, END = "<pad>", "<start>", "<end>"
 SPECIALS = [PAD, START, END]  # ids 0, 1, 2
@@ -76,8 +77,7 @@ class Tokenizer:
         return cls(HFTokenizer.from_str(text))
 
     def save(self, path: Path) -> None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self.hf.save(str(path))
+        atomic_write(Path(path), lambda tmp: self.hf.save(str(tmp)))
 
     @classmethod
     def load(cls, path: Path) -> Tokenizer:

@@ -103,3 +103,37 @@ def test_check_writable_writes_through_no_planted_link_and_names_an_unusable_fol
     blocker.write_text("not a folder")
     with pytest.raises(ConfigError, match="a-file/run: cannot write there .*choose another --out"):
         check_writable(blocker / "run", "choose another --out")
+
+
+@pytest.fixture
+def planted(tmp_path):
+    """A run folder whose config.json and tokenizer.json are links to a file outside it, as a shared or
+    downloaded folder could hold them."""
+    outside = tmp_path / "outside.txt"
+    outside.write_text("precious")
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("config.json", "tokenizer.json"):
+        (run / name).symlink_to(outside)
+    return run, outside
+
+
+def test_saving_a_run_file_replaces_a_planted_link_rather_than_writing_through_it(planted):
+    from miniclip_cli.checkpoint import save_config
+    from miniclip_cli.config import RunConfig
+
+    run, outside = planted
+    save_config(run, RunConfig())
+    assert outside.read_text() == "precious"
+    assert not (run / "config.json").is_symlink() and "model" in (run / "config.json").read_text()
+
+
+def test_tokenizer_save_replaces_a_planted_link_rather_than_writing_through_it(planted):
+    from miniclip_cli.tokenizer import Tokenizer, train_tokenizer
+
+    run, outside = planted
+    tokenizer = train_tokenizer(["a red circle", "a blue square"] * 5, 300)
+    tokenizer.save(run / "tokenizer.json")
+    assert outside.read_text() == "precious"
+    assert not (run / "tokenizer.json").is_symlink()
+    assert Tokenizer.load(run / "tokenizer.json").vocab_size == tokenizer.vocab_size
