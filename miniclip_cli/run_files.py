@@ -94,7 +94,7 @@ def _lock(fd: int, wait: bool) -> bool:
 def lock_folder(folder: Path, command: str, waiting: Callable[[str], None] | None = None) -> Iterator[None]:
     """Hold `folder`'s one lock (FOLDER/.lock) for the `with` block, so two miniclip commands never write one
     folder at once. A held lock raises BusyError naming the holder's PID and command; with `waiting`, it is
-    called with that message instead and the lock is waited for.
+    called with the holder ('PID N (miniclip COMMAND)') instead and the lock is waited for.
 
     An advisory flock: the OS drops it when the holder exits or is killed, so no lock ever goes stale, and the
     file itself stays (removing it would let a waiting process lock a file nobody else sees)."""
@@ -111,10 +111,10 @@ def lock_folder(folder: Path, command: str, waiting: Callable[[str], None] | Non
     locked = False
     try:
         if not _lock(fd, wait=False):
-            message = f"{folder} is in use by {_holder(fd)}; wait for it to finish or use another folder"
+            holder = _holder(fd)
             if waiting is None:
-                raise BusyError(message)
-            waiting(message)
+                raise BusyError(f"{folder} is in use by {holder}; wait for it to finish or use another folder")
+            waiting(holder)
             _lock(fd, wait=True)
         locked = True
         os.ftruncate(fd, 0)
