@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import os
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -75,6 +76,8 @@ def _lock(fd: int, wait: bool) -> bool:
             return True
         except BlockingIOError:
             return False
+        except OSError:  # a file system without locks (some network mounts): run unlocked rather than not at all
+            return True
     try:
         import msvcrt
     except ImportError:  # neither flock nor msvcrt: run unlocked rather than not at all
@@ -86,7 +89,6 @@ def _lock(fd: int, wait: bool) -> bool:
         except OSError:
             if not wait:
                 return False
-            import time
             time.sleep(0.5)
 
 
@@ -99,9 +101,9 @@ def lock_folder(folder: Path, command: str, waiting: Callable[[str], None] | Non
     An advisory flock: the OS drops it when the holder exits or is killed, so no lock ever goes stale, and the
     file itself stays (removing it would let a waiting process lock a file nobody else sees)."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK
     try:
+        folder.mkdir(parents=True, exist_ok=True)
         # O_NOFOLLOW: a .lock planted as a link to a file elsewhere must not be opened, let alone truncated.
         fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
     except OSError as exc:

@@ -285,3 +285,11 @@ def test_a_second_builder_waits_for_the_first_and_uses_its_cache(tmp_path):
         holder.wait()
     thread.join(30)
     assert result["built"] is False and result["cache"].folder == root / elsewhere.folder.name
+
+
+def test_a_lock_under_a_file_is_a_save_error_not_a_traceback(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(SaveError, match="a-file/run/.lock: cannot create the folder's lock"):
+        with lock_folder(blocker / "run", "train"):
+            pass
