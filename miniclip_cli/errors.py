@@ -36,7 +36,7 @@ class SaveError(CheckpointError):
 class BusyError(MiniclipError):
     """A folder another miniclip process holds (run_files.lock_folder); nothing was changed."""
 
-    exit_code = 8
+    exit_code = 9
 
 
 class DeviceError(MiniclipError):
