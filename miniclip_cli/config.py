@@ -122,7 +122,7 @@ class TrainConfig:
     max_steps: int | None = None  # stop early after this many optimizer steps in all (for smoke runs)
     val_images: int = 1000  # validation recall is computed on at most this many images each epoch
     workers: int = -1  # data loader processes; -1 picks by device
-    cache: bool = True  # decode the training images once into artifacts/cache (data/cache.py)
+    cache: bool = True  # decode the training images once into the per-user image cache (data/cache.py)
     ema: float = 0.0  # decay of a moving average of the weights, validated and saved in their place; 0: none
     augment: str = "auto"  # where crops are cut: "loader" (PIL), "device" (roi_align), "auto": device off CPU
     compile: bool = False  # torch.compile the model: ~2x on a GPU, but its compile time outweighs short CPU runs

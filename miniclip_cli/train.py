@@ -51,6 +51,9 @@ class Callbacks:
     def on_replaced_sample(self, message: str, total: int) -> None:
         """A training image failed to load and another sample took its place; `total` so far in this run."""
 
+    def on_notice(self, message: str) -> None:
+        """Something the user should know that does not stop training (a damaged image cache rebuilt, say)."""
+
 
 class TrainingInterrupted(Exception):
     """Ctrl-C or SIGTERM (`signal`) during training; a resumable checkpoint was saved at `step`."""
@@ -168,7 +171,8 @@ def fit(config: RunConfig, tokenizer: Tokenizer, train_items: list[ImageCaptions
     collate = Collate(tokenizer, config.model.context_length, tuple(o.prepare for o in pieces))
     # Objectives' views after the captions' crop, and the transforms they want on them, in batch order.
     extra_views = objectives.crop_scales(config, pieces)[1:]
-    data = TrainingData(config, train_items, world, collate, workers, device, extra_views, callbacks.on_cache_progress)
+    data = TrainingData(config, train_items, world, collate, workers, device, extra_views, callbacks.on_cache_progress,
+                        callbacks.on_notice)
     steps_per_epoch = data.steps_per_epoch
     total_steps = tc.epochs * steps_per_epoch
     warmup = max(1, int(tc.warmup_fraction * total_steps))
@@ -265,7 +269,7 @@ def fit(config: RunConfig, tokenizer: Tokenizer, train_items: list[ImageCaptions
         callbacks.on_start(stop_at, step, steps_per_epoch,
                            {"train_pairs": len(data.dataset), "val_images": len(val_items), "workers": workers,
                             "precision": str(amp_dtype or torch.float32).replace("torch.", ""), "device": str(device),
-                            "cache_seconds": data.cache_seconds, "processes": world.world_size, "accum_steps": tc.accum_steps,
+                            "cache_seconds": data.cache_seconds, "cache": data.cache, "processes": world.world_size, "accum_steps": tc.accum_steps,
                             "batch_size": tc.batch_size, "global_batch": data.global_batch})
         seconds, replaced_this_epoch = 0.0, 0
         while True:

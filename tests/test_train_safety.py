@@ -165,3 +165,15 @@ def test_a_damaged_history_on_resume_is_one_line(runner, tiny_dataset, tmp_path)
     history.write_text(history.read_text()[:-7])
     result = run_cli(runner, "train", "--out", run, "--resume", "--max-steps", 4, code=4)
     assert "history.jsonl" in result.output and "Traceback" not in result.output
+
+
+def test_a_second_writer_of_a_run_folder_is_refused_naming_the_first(runner, tiny_dataset, tmp_path):
+    from miniclip_cli.run_files import lock_folder
+
+    run = tmp_path / "run"
+    with lock_folder(run, "train"):  # as a `miniclip train --out run` still running would hold it
+        for args in (["--data", tiny_dataset, "--out", run, *ARGS], ["--out", run, "--resume"]):
+            result = run_cli(runner, "train", *args, code=9)
+            assert f"PID {os.getpid()}" in result.output and "miniclip train" in result.output
+    assert not (run / "config.json").exists()
+    _train(runner, tiny_dataset, run, "--max-steps", 1)  # released: the folder is free again

@@ -98,11 +98,13 @@ class TrainingData:
     from shards (ShardDataset)."""
 
     def __init__(self, config: RunConfig, train: list[ImageCaptions] | ShardSet, world: distributed.World,
-                 collate: Collate, workers: int, device: torch.device, extra_views=(), cache_progress=None):
+                 collate: Collate, workers: int, device: torch.device, extra_views=(), cache_progress=None,
+                 notice=None):
         tc = config.train
         common = (config.model.image_size, config.data.mean, config.data.std, tc.crop_scale, tc.captions, tc.seed)
         self.streamed = isinstance(train, ShardSet)
         self.cache_seconds = None  # how long building the image cache took, when this run built it
+        self.cache = None  # where the image cache is and its size, for the user
         if self.streamed:
             if tc.augment == "device":
                 device_crops(config, device, cached=False)  # raises: shards have no image cache
@@ -114,7 +116,8 @@ class TrainingData:
                 paths = [item.image for item in train]
                 if world.is_main:  # rank 0 builds it; the others wait, then map the same files
                     start = time.perf_counter()
-                    cache, built = open_cache(paths, config.model.image_size, progress=cache_progress)
+                    cache, built = open_cache(paths, config.model.image_size, progress=cache_progress, notice=notice)
+                    self.cache = f"{cache.folder} ({cache.nbytes / 1e6:,.0f} MB)"
                     if built:
                         self.cache_seconds = time.perf_counter() - start
                 if world.world_size > 1:

@@ -45,6 +45,9 @@ class TrainProgress:
         if info.get("cache_seconds") is not None:
             err.print(f"decoded the training images into the cache in {info['cache_seconds']:.1f} s; "
                       "later epochs and runs read them from it")
+        if info.get("cache"):
+            err.print(f"image cache: {info['cache']} (`miniclip cache` lists it, `miniclip cache --clear` removes it)",
+                      soft_wrap=True)
         processes, accum = info.get("processes", 1), info.get("accum_steps", 1)
         # Each process has its own device (cuda:LOCAL_RANK): name the kind.
         where = f"{processes} processes on {info['device'].split(':')[0]}" if processes > 1 else info["device"]
@@ -84,6 +87,9 @@ class TrainProgress:
 
     def on_checkpoint(self, path: Path):
         pass
+
+    def on_notice(self, message: str):
+        warn(message)
 
     def on_replaced_sample(self, message: str, total: int):
         if total <= SHOWN_REPLACEMENTS:
