@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from rich.markup import escape
 
 from ..errors import ConfigError, DataError, MiniclipError
 from ..runtime import open_encoder
@@ -77,8 +78,9 @@ def classify_command(
     def show(result: dict) -> None:
         texts = [s["caption"] for s in result["scores"]]
         probabilities = [s["probability"] for s in result["scores"]]
-        out.print(tables.probability_table(texts, probabilities))
-        out.print(charts.probability_bars(texts, [100 * p for p in probabilities]))
+        # Captions are the user's text: brackets in them are not Rich markup.
+        out.print(tables.probability_table([escape(t) for t in texts], probabilities))
+        out.print(charts.probability_bars(texts, [100 * p for p in probabilities]), markup=False)
 
     if image is not None:
         result = score(image, given)
