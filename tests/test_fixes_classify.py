@@ -26,6 +26,23 @@ def _json_lines(result) -> list[dict]:
     return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
 
 
+# 5. Progress.
+
+def test_the_cache_bar_goes_once_the_cache_is_built():
+    from miniclip_cli.ui.progress import TrainProgress
+
+    console = Console(file=io.StringIO(), record=True, width=100)
+    progress = TrainProgress()
+    progress.progress = Progress(console=console)
+    with progress:
+        progress.on_cache_progress(1, 2)
+        assert [t.description for t in progress.progress.tasks] == ["caching decoded images"]
+        progress.on_cache_progress(2, 2)
+        assert progress.progress.tasks == []
+    console.print(progress.progress)
+    assert "caching" not in console.export_text()  # the final render has no finished cache bar
+
+
 # 6. Rich does not turn :smile: in a user's text into an emoji.
 
 def test_emoji_codes_in_user_text_are_printed_as_typed(runner, trained_run, tmp_path, tiny_dataset):
