@@ -26,6 +26,52 @@ def _json_lines(result) -> list[dict]:
     return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
 
 
+# 4. Charts.
+
+def test_probability_bars_label_zero_percent_in_full():
+    from miniclip_cli.ui.charts import probability_bars
+
+    chart = probability_bars(["a dog", "a cat", "a car"], [0.0, 99.96, 0.04])
+    for name, shown in (("a dog", " 0.0%"), ("a cat", "100.0%"), ("a car", " 0.0%")):
+        assert any(name in line and shown in line for line in chart.splitlines()), (name, chart)
+    assert " .0%" not in chart
+
+
+def _frame(chart: str) -> tuple[list[str], list[float], list[float]]:
+    """The rows inside a chart's frame, and the numbers at its left and right axis ticks."""
+    lines = chart.splitlines()
+    top = next(i for i, line in enumerate(lines) if "┌" in line)
+    bottom = max(i for i, line in enumerate(lines) if "└" in line)
+    rows, left, right = [], [], []
+    for line in lines[top + 1:bottom]:
+        start, end = line.index("┤" if "┤" in line else "│"), line.rindex("├" if "├" in line else "│")
+        rows.append(line[start + 1:end])
+        if "┤" in line:
+            left.append(float(line[:start]))
+        if "├" in line:
+            right.append(float(line[end + 1:]))
+    return rows, left, right
+
+
+@pytest.mark.parametrize("recall", [0.0, 12.5])
+def test_training_curves_with_one_validation_point(recall):
+    from miniclip_cli.ui.charts import training_curves
+
+    rows, left, right = _frame(training_curves([{"epoch": 1, "train_loss": 0.4, "val_mean_recall": recall}]))
+    assert left and right and min(left) >= 0 and min(right) >= 0
+    assert sum(row.strip() != "" for row in rows) >= 1  # the point is drawn
+
+
+def test_training_curves_keep_the_legend_off_the_data():
+    from miniclip_cli.ui.charts import training_curves
+
+    history = [{"epoch": e, "train_loss": 3 - 0.2 * e, "val_mean_recall": 5.0 * e} for e in range(1, 8)]
+    chart = training_curves(history)
+    assert "train loss" in chart and "val mean recall" in chart
+    rows, _, _ = _frame(chart)
+    assert not any(corner in row for row in rows for corner in "┌┐└┘"), chart  # no legend box inside the frame
+
+
 # 5. Progress.
 
 def test_the_cache_bar_goes_once_the_cache_is_built():
