@@ -84,6 +84,8 @@ class TrainProgress:
         if self.cache_task is None:
             self.cache_task = self.progress.add_task("caching decoded images", total=total, status="")
         self.progress.update(self.cache_task, completed=done)
+        if done >= total:  # built: on_start's line says how long it took, and the bar would stay for the whole run
+            self.progress.remove_task(self.cache_task)
 
     def on_checkpoint(self, path: Path):
         pass
