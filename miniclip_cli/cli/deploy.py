@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from ..config import RunConfig, load_run_config
+from ..config import RunConfig, RuntimeConfig, load_run_config
 from ..errors import ConfigError, DataError, ThresholdError
 from ..evaluate import evaluate_retrieval, evaluate_zero_shot
 from ..run_files import lock_folder
@@ -218,9 +218,9 @@ def bench_train_command(
     items = split_items(open_dataset(data, quiet=json_out), "train")
     tokenizer = train_tokenizer((c for item in items for c in item.captions), vocab_size)
     model_config.vocab_size = tokenizer.vocab_size
-    train_config.batch_size, train_config.precision, train_config.cache = batch_size, precision, cache
-    train_config.compile = compile_model
-    config = RunConfig(model=model_config, train=train_config)
+    train_config.batch_size = batch_size
+    config = RunConfig(model=model_config, train=train_config,
+                       runtime=RuntimeConfig(precision=precision, cache=cache, compile=compile_model))
     config.validate()
     torch_device = pick_device(device)
     if not json_out:
