@@ -27,6 +27,22 @@ def normalise_rows(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
+BROKEN_FIX = "its weights are broken: retrain, e.g. with a lower --lr"
+
+
+def check_features(features: np.ndarray, what: str, distinct: bool = False) -> np.ndarray:
+    """`features` (n d, one row per `what`: "images", "captions"), refused when a result from them could not
+    be right: any non-finite value, or with `distinct`, every row the same (a collapsed model)."""
+    broken = int((~np.isfinite(features)).any(axis=-1).sum())
+    if broken:
+        raise CheckpointError(f"the model gives non-finite features for {broken} of {len(features)} {what}; {BROKEN_FIX}")
+    # Features are unit length, so 1e-6 is float rounding, not a difference the model made.
+    if distinct and len(features) > 1 and np.ptp(features, axis=0).max() <= 1e-6:
+        raise CheckpointError(f"the model gives the same feature for all {len(features)} {what}: it has collapsed "
+                              "and any score would be chance; retrain, e.g. with a lower --lr or more data")
+    return features
+
+
 class Encoder:
     """Turns image files and captions into unit-length features in the shared space.
 
@@ -67,8 +83,8 @@ class Encoder:
 
     def caption_probabilities(self, image: Path, captions: list[str]) -> list[float]:
         """Softmax over the captions of the scaled cosine similarities with the image."""
-        image_features = self.encode_pixels(self.pixels([image]))
-        logits = self.logit_scale * image_features @ self.encode_texts(captions).T  # 1 c
+        image_features = check_features(self.encode_pixels(self.pixels([image])), "images")
+        logits = self.logit_scale * image_features @ check_features(self.encode_texts(captions), "captions").T  # 1 c
         logits = logits[0] - logits[0].max()
         probabilities = np.exp(logits) / np.exp(logits).sum()
         return probabilities.astype(float).tolist()

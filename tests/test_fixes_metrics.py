@@ -1,0 +1,98 @@
+"""Fixes around metrics, evaluation, export, bench and the runtime: results that cannot be right are errors,
+and every bad input is one clear line."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from miniclip_cli.data.image_folder import ImageFolder
+from miniclip_cli.data.layouts import ImageCaptions
+from miniclip_cli.errors import CheckpointError
+from miniclip_cli.evaluate import evaluate_retrieval, evaluate_zero_shot
+from miniclip_cli.metrics import match3_top1, retrieval_metrics, zero_shot_metrics
+
+
+def test_collapsed_features_score_chance_not_100():
+    # 10 images, 2 captions each, every feature the same: CLIP_benchmark's top-k reports chance, 1 in 10 at R@1.
+    owner = np.repeat(np.arange(10), 2)
+    m = retrieval_metrics(np.ones((10, 4)), np.ones((20, 4)), owner)
+    assert m["text_to_image_R@1"] == pytest.approx(10.0)
+    assert m["text_to_image_R@5"] == pytest.approx(50.0)
+    assert m["image_to_text_R@1"] == pytest.approx(10.0)
+    assert m["mean_recall"] < 50
+
+
+def test_nan_features_rank_last():
+    owner = np.repeat(np.arange(10), 2)
+    m = retrieval_metrics(np.full((10, 4), np.nan), np.ones((20, 4)), owner)
+    assert m["text_to_image_R@1"] == pytest.approx(10.0) and m["image_to_text_R@1"] == pytest.approx(10.0)
+    # A caption whose own image scores NaN comes after every finite score.
+    image_features = np.eye(3, dtype=np.float32)
+    image_features[0, 0] = np.nan
+    m = retrieval_metrics(image_features, np.eye(3, dtype=np.float32), np.arange(3))
+    assert m["text_to_image_R@1"] == pytest.approx(200 / 3)
+    assert m["text_to_image_mean_rank"] == pytest.approx((3 + 1 + 1) / 3)
+
+
+def test_zero_shot_non_finite_logits_rank_last():
+    logits = np.array([[np.inf, 0.5], [np.nan, 0.5], [0.2, np.inf]])
+    m = zero_shot_metrics(logits, np.array([0, 0, 1]), ["cat", "dog"])
+    assert m["top1"] == 0.0 and m["top5"] == 100.0
+
+
+def test_match3_non_finite_scores_rank_last():
+    owner = np.array([0, 0, 1, 1])
+    own = owner[None, :] == np.arange(2)[:, None]
+    assert match3_top1(np.where(own, 1.0, np.nan), owner) == 100.0  # NaN distractors: the own caption wins
+    assert match3_top1(np.where(own, np.inf, 0.0), owner) == 0.0  # an infinite score is no pick
+
+
+class _FixedEncoder:
+    """Gives the features it is handed, whatever the input."""
+
+    def __init__(self, images, texts):
+        self.images, self.texts = np.asarray(images, np.float32), np.asarray(texts, np.float32)
+
+    def encode_images(self, paths, progress=None):
+        return self.images[: len(paths)]
+
+    def encode_texts(self, texts):
+        return self.texts[: len(texts)]
+
+
+def _items(n):
+    return [ImageCaptions(Path(f"/{i}.png"), (f"caption {i}",), None) for i in range(n)]
+
+
+def _unit_rows(n, d=8, seed=0):
+    x = np.random.default_rng(seed).normal(size=(n, d))
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("images, texts, message", [
+    (np.where(np.arange(4)[:, None] == 1, np.nan, _unit_rows(4)), _unit_rows(4, seed=1),
+     "non-finite features for 1 of 4 images"),
+    (_unit_rows(4), np.full((4, 8), np.inf), "non-finite features for 4 of 4 captions"),
+    (np.tile(_unit_rows(1), (4, 1)), _unit_rows(4, seed=1), "same feature for all 4 images"),
+    (_unit_rows(4), np.tile(_unit_rows(1), (4, 1)), "same feature for all 4 captions"),
+])
+def test_retrieval_refuses_broken_features(images, texts, message):
+    with pytest.raises(CheckpointError, match=message):
+        evaluate_retrieval(_FixedEncoder(images, texts), _items(4))
+
+
+def test_zero_shot_refuses_broken_features():
+    folder = ImageFolder(Path("/zs"), ["cat", "dog"], [Path(f"/zs/{i}.png") for i in range(4)], [0, 0, 1, 1])
+    with pytest.raises(CheckpointError, match="non-finite features for 4 of 4 images"):
+        evaluate_zero_shot(_FixedEncoder(np.full((4, 8), np.nan), _unit_rows(2)), folder, ["a {}"])
+    with pytest.raises(CheckpointError, match="same feature for all 4 images"):
+        evaluate_zero_shot(_FixedEncoder(np.tile(_unit_rows(1), (4, 1)), _unit_rows(2)), folder, ["a {}"])
+
+
+def test_untied_features_still_score_as_before():
+    images, texts = _unit_rows(6), _unit_rows(12, seed=3)
+    owner = np.repeat(np.arange(6), 2)
+    m = evaluate_retrieval(_FixedEncoder(images, texts), [ImageCaptions(Path(f"/{i}.png"), ("a", "b"), None)
+                                                          for i in range(6)])
+    assert m["mean_recall"] == retrieval_metrics(images, texts, owner)["mean_recall"]
