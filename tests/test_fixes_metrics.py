@@ -12,6 +12,8 @@ from miniclip_cli.errors import CheckpointError
 from miniclip_cli.evaluate import evaluate_retrieval, evaluate_zero_shot
 from miniclip_cli.metrics import match3_top1, retrieval_metrics, zero_shot_metrics
 
+from .conftest import json_of, run_cli
+
 
 def test_collapsed_features_score_chance_not_100():
     # 10 images, 2 captions each, every feature the same: CLIP_benchmark's top-k reports chance, 1 in 10 at R@1.
@@ -96,3 +98,48 @@ def test_untied_features_still_score_as_before():
     m = evaluate_retrieval(_FixedEncoder(images, texts), [ImageCaptions(Path(f"/{i}.png"), ("a", "b"), None)
                                                           for i in range(6)])
     assert m["mean_recall"] == retrieval_metrics(images, texts, owner)["mean_recall"]
+
+
+def _trained_copy(trained_run, folder):
+    import shutil
+
+    shutil.copytree(trained_run, folder)
+    return folder
+
+
+def test_quantize_refuses_a_model_with_nan_weights(runner, trained_run, tmp_path, monkeypatch):
+    import torch
+
+    from miniclip_cli import export
+
+    def nan_weights(run, which):
+        model, config, tokenizer = load_run(run, which)
+        with torch.no_grad():
+            for weights in model.parameters():
+                weights.fill_(float("nan"))
+        return model, config, tokenizer
+
+    from miniclip_cli.checkpoint import load_run
+
+    run = _trained_copy(trained_run, tmp_path / "run")
+    monkeypatch.setattr(export, "load_run", nan_weights)
+    result = run_cli(runner, "quantize", run, code=4)
+    assert "non-finite features" in result.output and "retrain" in result.output
+    assert not (run / "onnx").exists() and not list(run.glob(".onnx*"))
+
+
+@pytest.mark.parametrize("broken", ["fp32", "int8"])
+def test_quantize_parity_checks_fail_on_nan(runner, trained_run, tmp_path, monkeypatch, broken):
+    from miniclip_cli import export
+    from miniclip_cli.runtime import OnnxEncoder
+
+    class NanOnnx(OnnxEncoder):
+        def encode_tokens(self, ids, lengths):
+            features = super().encode_tokens(ids, lengths)
+            return np.full_like(features, np.nan) if self.files[0].name.split(".")[1] == broken else features
+
+    run = _trained_copy(trained_run, tmp_path / "run")
+    monkeypatch.setattr(export, "OnnxEncoder", NanOnnx)
+    result = run_cli(runner, "quantize", run, code=4)
+    assert "text encoder" in result.output and "nothing was written" in result.output
+    assert not (run / "onnx").exists() and not list(run.glob(".onnx*"))
