@@ -143,3 +143,42 @@ def test_quantize_parity_checks_fail_on_nan(runner, trained_run, tmp_path, monke
     result = run_cli(runner, "quantize", run, code=4)
     assert "text encoder" in result.output and "nothing was written" in result.output
     assert not (run / "onnx").exists() and not list(run.glob(".onnx*"))
+
+
+@pytest.fixture(scope="module")
+def exported_run(tmp_path_factory, trained_run, runner):
+    run = _trained_copy(trained_run, tmp_path_factory.mktemp("export") / "run")
+    run_cli(runner, "quantize", run)
+    return run
+
+
+def test_bench_table_without_pytorch_marks_its_row(runner, exported_run, monkeypatch):
+    from miniclip_cli import bench
+
+    open_row = bench.open_row
+
+    def no_torch(run, row, which):
+        if row == "PyTorch fp32":
+            raise ModuleNotFoundError("No module named 'torch'", name="torch")
+        return open_row(run, row, which)
+
+    monkeypatch.setattr(bench, "open_row", no_torch)
+    result = run_cli(runner, "bench", exported_run, "--repeats", 2)
+    assert "ONNX int8" in result.stdout
+    assert any(line.startswith("PyTorch fp32 cannot run: needs torch") for line in result.stdout.splitlines())
+
+
+def test_bench_says_why_a_row_cannot_run_on_one_line(runner, trained_run):
+    result = run_cli(runner, "bench", trained_run, "--repeats", 2)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("ONNX int8 cannot run:")]
+    assert len(lines) == 1 and "miniclip quantize" in lines[0]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--repeats", 0], "--repeats must be at least 1"),
+    (["--min-metric", "top1=nan"], "finite number"),
+    (["--min-metric", "top1=inf"], "finite number"),
+])
+def test_bench_refuses_impossible_options(runner, trained_run, args, message):
+    result = run_cli(runner, "bench", trained_run, *args, code=3)
+    assert message in result.output

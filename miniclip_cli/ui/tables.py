@@ -90,11 +90,12 @@ def bench_tables(rows: list[dict], machine: dict) -> list[Table]:
     for column in ("backend", "size MB", "image ms", "caption ms", "1 img + 3 caps ms", "img/s @64", "speed-up"):
         speed.add_column(column, justify="left" if column == "backend" else "right", no_wrap=column == "backend")
     for r in rows:
-        if "error" in r:
-            speed.add_row(r["row"], f"[dim]cannot run: {r['error']}[/]", *[""] * 5)
+        if "error" in r:  # why is said under the table (bench_unavailable), where it reads on one line
+            speed.add_row(r["row"], *["-"] * 6, style="dim")
             continue
+        speedup = f"{r['speedup_demo']:.2f}x" if "speedup_demo" in r else "-"  # no PyTorch row to compare with
         speed.add_row(r["row"], f"{r['size_mb']:.2f}", _ms(r["image_ms"]), _ms(r["caption_ms"]), _ms(r["demo_ms"]),
-                      f"{r['images_per_s']:.0f}", f"{r['speedup_demo']:.2f}x")
+                      f"{r['images_per_s']:.0f}", speedup)
     speed.caption = f"{machine['cpu']} · {', '.join(machine['extensions']) or 'no AVX2'} · {machine['threads']} threads"
     measured = [r for r in rows if r.get("accuracy")]
     if not measured:
@@ -107,6 +108,11 @@ def bench_tables(rows: list[dict], machine: dict) -> list[Table]:
     for key in keys:
         accuracy.add_row(key, *(f"{r['accuracy'][key]:.2f}" for r in measured))
     return [speed, accuracy]
+
+
+def bench_unavailable(rows: list[dict]) -> list[str]:
+    """One line per row that could not run, saying why."""
+    return [f"{r['row']} cannot run: {r['error']}" for r in rows if "error" in r]
 
 
 def train_bench_table(result: dict) -> Table:
