@@ -182,3 +182,17 @@ def test_bench_says_why_a_row_cannot_run_on_one_line(runner, trained_run):
 def test_bench_refuses_impossible_options(runner, trained_run, args, message):
     result = run_cli(runner, "bench", trained_run, *args, code=3)
     assert message in result.output
+
+
+def test_version(runner, monkeypatch):
+    from importlib import metadata
+
+    from miniclip_cli import __version__
+
+    assert run_cli(runner, "--version").stdout.strip() == f"miniclip {metadata.version('miniclip')}"
+
+    def not_installed(name):
+        raise metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(metadata, "version", not_installed)
+    assert run_cli(runner, "--version").stdout.strip() == f"miniclip {__version__}"
