@@ -87,6 +87,8 @@ class Encoder:
         logits = self.logit_scale * image_features @ check_features(self.encode_texts(captions), "captions").T  # 1 c
         logits = logits[0] - logits[0].max()
         probabilities = np.exp(logits) / np.exp(logits).sum()
+        if not np.isfinite(probabilities).all():
+            raise CheckpointError(f"the model's logit scale {self.logit_scale} gives non-finite probabilities; {BROKEN_FIX}")
         return probabilities.astype(float).tolist()
 
 

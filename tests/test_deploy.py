@@ -148,7 +148,8 @@ def test_bench_train_json_schema(runner, tiny_dataset):
     assert payload["fast"]["text_padding"] == "longest"
     for way in ("plain", "fast"):
         assert payload[way]["pairs_per_s"] > 0 and payload[way]["step_ms"] > 0
-    assert payload["speedup"] == pytest.approx(payload["fast"]["pairs_per_s"] / payload["plain"]["pairs_per_s"])
+    # JSON rounds to 4 decimals: the ratio of the rounded rates agrees to about 1e-4
+    assert payload["speedup"] == pytest.approx(payload["fast"]["pairs_per_s"] / payload["plain"]["pairs_per_s"], abs=1e-3)
     assert payload["data_pairs_per_s"] > 0 and payload["fast"]["peak_rss_mb"] > 0
 
 

@@ -196,3 +196,40 @@ def test_version(runner, monkeypatch):
 
     monkeypatch.setattr(metadata, "version", not_installed)
     assert run_cli(runner, "--version").stdout.strip() == f"miniclip {__version__}"
+
+
+def test_json_floats_are_rounded(capsys):
+    from miniclip_cli.cli.common import print_json
+
+    print_json({"top1": 69.39999999999999, "checks": {"max_abs_diff": [3.14159e-7, 0.0]}, "images": 32, "ok": True})
+    assert capsys.readouterr().out.strip() == ('{"top1": 69.4, "checks": {"max_abs_diff": [3.142e-07, 0.0]}, '
+                                              '"images": 32, "ok": true}')
+
+
+def test_eval_json_has_at_most_four_decimals(runner, trained_run, tiny_dataset):
+    import re
+
+    result = run_cli(runner, "eval", trained_run, "--data", tiny_dataset, "--split", "all", "--json")
+    assert not re.search(r"\d\.\d{5,}", result.stdout.strip().splitlines()[-1])
+    assert 0 <= json_of(result)["mean_recall"] <= 100
+
+
+def test_nan_in_a_json_result_is_an_error_naming_it(runner, trained_run, tiny_dataset, monkeypatch):
+    from miniclip_cli.cli.common import print_json
+    from miniclip_cli.runtime import Encoder
+
+    with pytest.raises(CheckpointError, match=r"scores\[1\].probability is nan"):
+        print_json({"scores": [{"probability": 0.5}, {"probability": float("nan")}]})
+    monkeypatch.setattr(Encoder, "caption_probabilities", lambda self, image, captions: [float("nan")] * len(captions))
+    result = run_cli(runner, "classify", tiny_dataset / "Images" / "red_circle_0.png", "-c", "a", "-c", "b",
+                     "--model", trained_run, "--json", code=4)
+    assert "scores[0].probability is nan" in result.output and "{" not in result.stdout
+
+
+def test_classify_refuses_non_finite_probabilities(trained_run, tiny_dataset):
+    from miniclip_cli.runtime import open_encoder
+
+    encoder = open_encoder(trained_run, "torch", device="cpu")
+    encoder.logit_scale = float("inf")
+    with pytest.raises(CheckpointError, match="non-finite probabilities"):
+        encoder.caption_probabilities(tiny_dataset / "Images" / "red_circle_0.png", ["a red circle", "a blue square"])
