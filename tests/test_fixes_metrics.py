@@ -233,3 +233,13 @@ def test_classify_refuses_non_finite_probabilities(trained_run, tiny_dataset):
     encoder.logit_scale = float("inf")
     with pytest.raises(CheckpointError, match="non-finite probabilities"):
         encoder.caption_probabilities(tiny_dataset / "Images" / "red_circle_0.png", ["a red circle", "a blue square"])
+
+
+def test_zero_shot_templates_are_never_split_across_lines(runner, trained_run, tiny_dataset):
+    templates = ["a photo of a {}, a small shape on a grey background.", "a rendering of the colour {} [drawn]"]
+    result = run_cli(runner, "eval", trained_run, "--zero-shot", tiny_dataset / "zero_shot",
+                     *(arg for t in templates for arg in ("--template", t)))
+    lines = result.stdout.splitlines()
+    assert "zero-shot on zero_shot" in [line.strip() for line in lines]  # the title, on one line
+    for template in templates:
+        assert any(repr(template) in line for line in lines), template

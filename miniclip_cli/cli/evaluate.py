@@ -106,7 +106,9 @@ def eval_command(
         metrics["zero_shot_images"] = metrics.pop("images")
         result.update(zero_shot=str(folder.root), **metrics)
         if not json_out:
-            out.print(tables.zero_shot_table(metrics, f"zero-shot on {folder.root.name} ({' | '.join(prompts)})"))
+            out.print(tables.zero_shot_table(metrics, f"zero-shot on {folder.root.name}"))
             out.print(tables.zero_shot_summary(metrics))
+            # soft_wrap: Rich would break a template at its spaces; a terminal wraps the line whole
+            out.print(tables.templates_line(prompts), soft_wrap=True, markup=False)
     if json_out:
         print_json(result)

@@ -42,6 +42,10 @@ def zero_shot_summary(metrics: dict) -> str:
     return text
 
 
+def templates_line(templates: list[str]) -> str:
+    return "templates: " + "  ·  ".join(repr(t) for t in templates)
+
+
 def probability_table(captions: list[str], probabilities: list[float]) -> Table:
     table = Table()
     table.add_column("caption")
