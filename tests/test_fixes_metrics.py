@@ -243,3 +243,16 @@ def test_zero_shot_templates_are_never_split_across_lines(runner, trained_run, t
     assert "zero-shot on zero_shot" in [line.strip() for line in lines]  # the title, on one line
     for template in templates:
         assert any(repr(template) in line for line in lines), template
+
+
+@pytest.mark.parametrize("listing", ['not json', '[["red"]]', '{"red": 1}', "[" * 100_000 + "]" * 100_000,
+                                     b"\xff\xfe"])
+def test_eval_refuses_a_bad_held_out_listing(runner, trained_run, tiny_dataset, tmp_path, listing):
+    import shutil
+
+    folder = tmp_path / "zero_shot"
+    shutil.copytree(tiny_dataset / "zero_shot", folder)
+    path = folder / "held_out.json"
+    path.write_bytes(listing) if isinstance(listing, bytes) else path.write_text(listing)
+    result = run_cli(runner, "eval", trained_run, "--zero-shot", folder, code=2)
+    assert "held_out.json: must hold a JSON list of class names" in result.output

@@ -11,7 +11,7 @@ import typer
 from ..config import load_run_config
 from ..data import shapes
 from ..data.image_folder import ImageFolder
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from ..evaluate import evaluate_retrieval, evaluate_zero_shot
 from ..runtime import open_encoder
 from ..ui import tables
@@ -35,13 +35,26 @@ from .common import (
 )
 
 
-def held_out_summary(folder: ImageFolder, metrics: dict) -> dict:
-    """When the folder lists classes kept out of training (held_out.json, as the built-in data does),
-    their accuracy next to chance and to the classes seen in training."""
+def held_out_classes(folder: ImageFolder) -> set[str] | None:
+    """The classes the folder's held_out.json says were kept out of training (as the built-in data does), or
+    None without one. Read before any image is encoded, so that a bad file fails at once."""
     listing = folder.root / "held_out.json"
     if not listing.is_file():
+        return None
+    try:
+        held = json.loads(listing.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError):  # not JSON, not UTF-8, or nested past Python's recursion limit
+        held = None
+    if not isinstance(held, list) or not all(isinstance(name, str) for name in held):
+        raise DataError(f'{listing}: must hold a JSON list of class names, e.g. ["red circle", "blue square"]; '
+                        "fix it, or remove it to skip the held-out summary")
+    return set(held)
+
+
+def held_out_summary(folder: ImageFolder, held: set[str] | None, metrics: dict) -> dict:
+    """The held-out classes' accuracy next to chance and to the classes seen in training."""
+    if held is None:
         return {}
-    held = set(json.loads(listing.read_text(encoding="utf-8")))
     per_class = metrics["per_class"]
     held_scores = [v for k, v in per_class.items() if k in held]
     seen_scores = [v for k, v in per_class.items() if k not in held]
@@ -99,10 +112,11 @@ def eval_command(
 
     if zero_shot_path is not None:
         folder = scan_folder(zero_shot_path)
+        held = held_out_classes(folder)
         prompts = list(templates or config.data.templates)
         with CountProgress("encoding zero-shot images") as progress:
             metrics = evaluate_zero_shot(encoder, folder, prompts, progress=progress)
-        metrics.update(held_out_summary(folder, metrics))
+        metrics.update(held_out_summary(folder, held, metrics))
         metrics["zero_shot_images"] = metrics.pop("images")
         result.update(zero_shot=str(folder.root), **metrics)
         if not json_out:
