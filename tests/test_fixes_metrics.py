@@ -256,3 +256,67 @@ def test_eval_refuses_a_bad_held_out_listing(runner, trained_run, tiny_dataset, 
     path.write_bytes(listing) if isinstance(listing, bytes) else path.write_text(listing)
     result = run_cli(runner, "eval", trained_run, "--zero-shot", folder, code=2)
     assert "held_out.json: must hold a JSON list of class names" in result.output
+
+
+BAD_METADATA = {
+    "a string for a number": {"image_size": "32"},
+    "zero pixels": {"image_size": 0},
+    "absurd pixels": {"image_size": 100_000},
+    "absurd context": {"context_length": 5000},
+    "negative embed_dim": {"embed_dim": -1},
+    "a bool for a number": {"vocab_size": True},
+    "zero std": {"std": [0.5, 0.0, 0.5]},
+    "negative std": {"std": [0.5, -0.2, 0.5]},
+    "two means": {"mean": [0.5, 0.5]},
+    "a NaN mean": {"mean": [0.5, float("nan"), 0.5]},
+    "a string mean": {"mean": "0.5"},
+    "infinite logit scale": {"logit_scale": float("inf")},
+    "negative logit scale": {"logit_scale": -3.0},
+    "a string logit scale": {"logit_scale": "10"},
+    "tokenizer outside the folder": {"tokenizer": "../tokenizer.json"},
+    "tokenizer at an absolute path": {"tokenizer": "/etc/passwd"},
+    "tokenizer in a subfolder": {"tokenizer": "sub/tokenizer.json"},
+}
+
+
+@pytest.fixture(scope="module")
+def exported_folder(exported_run):
+    return exported_run / "onnx"
+
+
+@pytest.mark.parametrize("change", BAD_METADATA.values(), ids=BAD_METADATA.keys())
+def test_crafted_metadata_is_refused(exported_folder, tmp_path, change):
+    import json
+    import shutil
+
+    from miniclip_cli.runtime import OnnxEncoder
+
+    folder = shutil.copytree(exported_folder, tmp_path / "onnx")
+    meta = json.loads((folder / "metadata.json").read_text())
+    (folder / "metadata.json").write_text(json.dumps({**meta, **change}))
+    with pytest.raises(CheckpointError, match=r"metadata\.json: .*; re-export with `miniclip quantize"):
+        OnnxEncoder(folder)
+
+
+@pytest.mark.parametrize("text", ["[" * 100_000 + "]" * 100_000, "not json", "[1, 2, 3]", " " * 2_000_000])
+def test_unreadable_metadata_is_refused(exported_folder, tmp_path, text):
+    import shutil
+
+    from miniclip_cli.runtime import OnnxEncoder
+
+    folder = shutil.copytree(exported_folder, tmp_path / "onnx")
+    (folder / "metadata.json").write_text(text)
+    with pytest.raises(CheckpointError, match=r"metadata\.json: .*; re-export with `miniclip quantize"):
+        OnnxEncoder(folder)
+
+
+def test_crafted_metadata_is_one_line_in_the_cli(runner, exported_run, tmp_path, tiny_dataset):
+    import json
+    import shutil
+
+    run = shutil.copytree(exported_run, tmp_path / "run")
+    meta = json.loads((run / "onnx" / "metadata.json").read_text())
+    (run / "onnx" / "metadata.json").write_text(json.dumps({**meta, "std": [0, 0, 0]}))
+    result = run_cli(runner, "classify", tiny_dataset / "Images" / "red_circle_0.png", "-c", "a", "-c", "b",
+                     "--model", run, "--backend", "onnx", code=4)
+    assert f"miniclip quantize {run}" in result.output and len(result.output.strip().splitlines()) == 1
