@@ -20,7 +20,7 @@ from .run_files import CONFIG, TOKENIZER
 from .tokenizer import Tokenizer
 
 Progress = Callable[[int, int], None]  # (done, total)
-BACKENDS = ("torch", "onnx", "onnx-fp32")  # "onnx" is the int8 deployment model
+BACKENDS = ("auto", "torch", "onnx", "onnx-fp32")  # "onnx" is the int8 deployment model
 ONNX_DIR, METADATA = "onnx", "metadata.json"
 ONNX_FILES = {"fp32": ("image.fp32.onnx", "text.fp32.onnx"), "int8": ("image.int8.onnx", "text.int8.onnx")}
 
@@ -56,6 +56,7 @@ class Encoder:
     context_length: int
     logit_scale: float
     tokenizer: Tokenizer
+    backend: str  # as --backend names it
 
     def encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
         raise NotImplementedError
@@ -96,6 +97,8 @@ class Encoder:
 
 class TorchEncoder(Encoder):
     """A MiniCLIP model in PyTorch (torch is imported only when one is made)."""
+
+    backend = "torch"
 
     def __init__(self, model, tokenizer: Tokenizer, mean, std, device=None, precision: str = "fp32"):
         import torch
@@ -179,6 +182,9 @@ def _metadata_fault(meta) -> str | None:
         return f"std must be positive (the pixels are divided by it), got {meta['std']}"
     if not _is_number(meta.get("logit_scale")) or meta["logit_scale"] <= 0:
         return f"logit_scale must be a finite positive number, got {meta.get('logit_scale')!r:.40}"
+    templates = meta.get("templates", [])
+    if not isinstance(templates, list) or not all(isinstance(t, str) and "{}" in t for t in templates):
+        return f"templates must be a list of prompts with {{}} for the class name, got {templates!r:.60}"
     name = meta.get("tokenizer", TOKENIZER)
     # A plain file name only: a crafted export must not make the runtime read files outside its folder.
     if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name or "\\" in name:
@@ -209,6 +215,8 @@ class OnnxEncoder(Encoder):
     def __init__(self, folder: Path, precision: str = "int8", threads: int = 0):
         folder = Path(folder)
         meta = read_metadata(folder)
+        self.backend = "onnx" if precision == "int8" else "onnx-fp32"
+        self.templates = tuple(meta.get("templates", ()))  # the run's zero-shot prompts; older exports lack them
         self.image_size, self.context_length, self.embed_dim = meta["image_size"], meta["context_length"], meta["embed_dim"]
         self.mean, self.std, self.logit_scale = tuple(meta["mean"]), tuple(meta["std"]), float(meta["logit_scale"])
         tokenizer_path = folder / meta.get("tokenizer", TOKENIZER)
@@ -239,16 +247,36 @@ class OnnxEncoder(Encoder):
         return self.text_session.run(None, {"tokens": ids, "lengths": lengths})[0]
 
 
-def open_encoder(run: str | Path, backend: str = "torch", which: str = "best", device: str = "auto",
+def is_export(folder: str | Path) -> bool:
+    """Whether `folder` is an exported model (RUN/onnx, or a copy of it) rather than a run folder."""
+    return (Path(folder).expanduser() / METADATA).is_file()
+
+
+def check_run_folder(run: str | Path) -> Path:
+    run = Path(run).expanduser()
+    if not run.is_dir():
+        raise CheckpointError(f"{run}: no such run folder; pass the --out folder of `miniclip train`")
+    return run
+
+
+def open_encoder(run: str | Path, backend: str = "auto", which: str = "best", device: str = "auto",
                  precision: str = "fp32") -> Encoder:
-    """The encoder for a run folder. backend "torch" loads the safetensors weights; "onnx" (int8) and
-    "onnx-fp32" load RUN/onnx/ without importing PyTorch."""
+    """The encoder for a run folder or an exported one. backend "torch" loads the run's safetensors weights;
+    "onnx" (int8) and "onnx-fp32" load RUN/onnx/ without importing PyTorch; "auto" is "onnx" for an exported
+    folder (copied to a device on its own), else "torch"."""
     if backend not in BACKENDS:
         raise ConfigError(f"--backend {backend!r} is not known; use one of: {', '.join(BACKENDS)}")
     if which not in ("best", "last"):
         raise ConfigError(f"--checkpoint must be best or last, got {which!r}")
-    if backend != "torch":
-        return OnnxEncoder(Path(run).expanduser() / ONNX_DIR, "int8" if backend == "onnx" else "fp32")
+    run = Path(run).expanduser()
+    if is_export(run):
+        if backend == "torch":
+            raise CheckpointError(f"{run}: is an exported ONNX model, without PyTorch weights: those are in the run "
+                                  "folder it was exported from; pass that folder, or use --backend onnx")
+        return OnnxEncoder(run, "fp32" if backend == "onnx-fp32" else "int8")
+    check_run_folder(run)
+    if backend in ("onnx", "onnx-fp32"):
+        return OnnxEncoder(run / ONNX_DIR, "int8" if backend == "onnx" else "fp32")
     from .checkpoint import load_run
     from .device import pick_device
 

@@ -137,7 +137,8 @@ def test_training_without_pytorch_says_what_to_install(tmp_path):
               f"app(['train', '--out', {str(tmp_path / 'run')!r}])\n")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 6, result.stderr
-    assert "needs torch" in result.stderr and "pip install miniclip" in result.stderr
+    assert "needs torch" in result.stderr and "`pip install .` in miniclip's source folder" in result.stderr
+    assert "pip install torch torchvision" in result.stderr
     assert "Traceback" not in result.stderr
 
 

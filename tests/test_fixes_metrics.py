@@ -320,3 +320,35 @@ def test_crafted_metadata_is_one_line_in_the_cli(runner, exported_run, tmp_path,
     result = run_cli(runner, "classify", tiny_dataset / "Images" / "red_circle_0.png", "-c", "a", "-c", "b",
                      "--model", run, "--backend", "onnx", code=4)
     assert f"miniclip quantize {run}" in result.output and len(result.output.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("args", [
+    ["eval", "{run}"], ["eval", "{run}", "--backend", "onnx"], ["quantize", "{run}"], ["bench", "{run}"],
+    ["classify", "{image}", "-c", "a", "-c", "b", "--model", "{run}"],
+    ["classify", "{image}", "-c", "a", "-c", "b", "--model", "{run}", "--backend", "onnx"],
+])
+def test_a_missing_run_folder_reads_the_same_everywhere(runner, tmp_path, tiny_dataset, args):
+    run, image = tmp_path / "no-such-run", tiny_dataset / "Images" / "red_circle_0.png"
+    result = run_cli(runner, *(a.format(run=run, image=image) for a in args), code=4)
+    assert f"{run}: no such run folder; pass the --out folder of `miniclip train`" in result.output
+
+
+def test_a_copied_onnx_folder_is_a_model_on_its_own(runner, exported_run, tiny_dataset, tmp_path):
+    import shutil
+
+    model = shutil.copytree(exported_run / "onnx", tmp_path / "edge-model")
+    image = tiny_dataset / "Images" / "red_circle_0.png"
+    scores = json_of(run_cli(runner, "classify", image, "-c", "a red circle", "-c", "a blue square", "--model", model,
+                             "--json"))["scores"]
+    assert sum(s["probability"] for s in scores) == pytest.approx(1.0, abs=1e-3)
+    payload = json_of(run_cli(runner, "eval", model, "--zero-shot", tiny_dataset / "zero_shot", "--json"))
+    assert payload["backend"] == "onnx" and 0 <= payload["top1"] <= 100
+    assert payload["templates"] == ["a photo of a {}."]  # the run's own, carried in metadata.json
+    payload = json_of(run_cli(runner, "eval", model, "--data", tiny_dataset, "--split", "all", "--backend", "onnx-fp32",
+                              "--json"))
+    assert payload["backend"] == "onnx-fp32" and 0 <= payload["mean_recall"] <= 100
+
+    result = run_cli(runner, "classify", image, "-c", "a", "-c", "b", "--model", model, "--backend", "torch", code=4)
+    assert "run folder it was exported from" in result.output
+    result = run_cli(runner, "eval", model, code=3)
+    assert "pass --data DATASET or --zero-shot FOLDER" in result.output

@@ -68,8 +68,9 @@ def command(name: str):
             except ModuleNotFoundError as missing:
                 if _debug["on"] or missing.name not in TRAINING_PACKAGES:
                     raise
-                error(f"`miniclip {name}` needs {missing.name}, which this PyTorch-free install lacks; "
-                      "`pip install miniclip` installs it (`--backend onnx` runs without it)")
+                error(f"`miniclip {name}` needs {missing.name}, which this PyTorch-free install lacks; run `pip install .` "
+                      "in miniclip's source folder for the full install (for PyTorch alone: `pip install torch "
+                      "torchvision`), or use `--backend onnx`, which runs without it")
                 raise typer.Exit(6) from None
 
         app.command(name)(run)

@@ -45,9 +45,9 @@ def _check_captions(captions: list[str]) -> list[str]:
 def classify_command(
     image: Optional[Path] = typer.Argument(None, help="Image file. Omit for the interactive loop."),
     captions: Optional[List[str]] = typer.Option(None, "--caption", "-c", help="A candidate caption; give two or more."),
-    model_dir: Path = typer.Option(..., "--model", "-m", help="A run folder written by `miniclip train`."),
+    model_dir: Path = typer.Option(..., "--model", "-m", help="A run folder written by `miniclip train`, or an exported RUN/onnx folder."),
     which: Checkpoint = "best",
-    backend: Backend = "torch",
+    backend: Backend = "auto",
     device: Device = "auto",
     json_out: JsonFlag = False,
 ):

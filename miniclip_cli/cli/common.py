@@ -126,7 +126,7 @@ def run_dataset(config) -> str | None:
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")]
 Checkpoint = Annotated[str, typer.Option("--checkpoint", help="best or last.")]
 Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or mps.")]
-Backend = Annotated[str, typer.Option("--backend", help="torch, onnx (the int8 export, no PyTorch needed) or onnx-fp32.")]
+Backend = Annotated[str, typer.Option("--backend", help="auto (onnx for an exported onnx/ folder, else torch), torch, onnx (the int8 export, no PyTorch needed) or onnx-fp32.")]
 Split = Annotated[str, typer.Option("--split", help="train, val, test or all.")]
 ZeroShot = Annotated[Optional[Path], typer.Option("--zero-shot", help="Image folder CLASS/IMAGE for zero-shot classification.")]
 Templates = Annotated[Optional[List[str]], typer.Option("--template", help="Prompt with {} for the class name; repeat to average several. Default: the run's.")]

@@ -11,7 +11,7 @@ import typer
 from ..config import RunConfig, load_run_config
 from ..errors import ConfigError, DataError, ThresholdError
 from ..evaluate import evaluate_retrieval, evaluate_zero_shot
-from ..runtime import ONNX_DIR, OnnxEncoder
+from ..runtime import ONNX_DIR, OnnxEncoder, check_run_folder
 from ..ui import charts, tables
 from ..ui.console import info, out
 from . import command
@@ -91,6 +91,7 @@ def quantize_command(
     """
     from ..export import export_run
 
+    check_run_folder(run)
     images, captions = _check_inputs(run, data, zero_shot, json_out)
     if not json_out:
         info(f"exporting {run} and checking on {len(images)} images and {len(captions)} captions ...")
@@ -151,6 +152,7 @@ def bench_command(
     """
     from ..bench import bench_rows, cpu_info
 
+    check_run_folder(run)
     if repeats < 1:
         raise ConfigError(f"--repeats must be at least 1, got {repeats}")
     floors = _parse_floors(min_metric or [])

@@ -8,12 +8,12 @@ from typing import Optional
 
 import typer
 
-from ..config import load_run_config
+from ..config import DataConfig, load_run_config
 from ..data import shapes
 from ..data.image_folder import ImageFolder
 from ..errors import ConfigError, DataError
 from ..evaluate import evaluate_retrieval, evaluate_zero_shot
-from ..runtime import open_encoder
+from ..runtime import is_export, open_encoder
 from ..ui import tables
 from ..ui.console import out
 from ..ui.progress import CountProgress
@@ -64,13 +64,13 @@ def held_out_summary(folder: ImageFolder, held: set[str] | None, metrics: dict) 
 
 @command("eval")
 def eval_command(
-    run: Path = typer.Argument(..., help="A run folder written by `miniclip train`."),
+    run: Path = typer.Argument(..., help="A run folder written by `miniclip train`, or an exported RUN/onnx folder."),
     data: Optional[str] = typer.Option(None, "--data", help="Caption dataset for retrieval. Default: the run's own dataset."),
     split: Split = "test",
     zero_shot: ZeroShot = None,
     templates: Templates = None,
     which: Checkpoint = "best",
-    backend: Backend = "torch",
+    backend: Backend = "auto",
     device: Device = "auto",
     precision: str = typer.Option("auto", "--precision", help="PyTorch backend: auto, fp32 or bf16."),
     allow_outside_paths: AllowOutside = False,
@@ -91,7 +91,10 @@ def eval_command(
         if "{}" not in template:
             raise ConfigError(f"--template {template!r} has no {{}} where the class name goes; e.g. 'a photo of a {{}}.'")
     encoder = open_encoder(run, backend, which, device, precision)
-    config = load_run_config(run)
+    config = None if is_export(run) else load_run_config(run)
+    if config is None and data is None and zero_shot is None:
+        raise ConfigError(f"{run}: an exported model has no dataset of its own to evaluate on; pass --data DATASET "
+                          "or --zero-shot FOLDER")
     if data is None and zero_shot is None:
         data_path, zero_shot_path = run_dataset(config), config.data.zero_shot
         if data_path is None and zero_shot_path is None:
@@ -99,7 +102,7 @@ def eval_command(
         do_retrieval = True
     else:
         data_path, zero_shot_path, do_retrieval = data, zero_shot, data is not None
-    result: dict = {"run": str(run), "checkpoint": which, "backend": backend}
+    result: dict = {"run": str(run), "checkpoint": which, "backend": encoder.backend}
 
     if do_retrieval:
         caption_set = open_dataset(data_path, allow_outside=allow_outside_paths, quiet=json_out)
@@ -113,7 +116,8 @@ def eval_command(
     if zero_shot_path is not None:
         folder = scan_folder(zero_shot_path)
         held = held_out_classes(folder)
-        prompts = list(templates or config.data.templates)
+        run_templates = config.data.templates if config else encoder.templates
+        prompts = list(templates or run_templates or DataConfig.templates)
         with CountProgress("encoding zero-shot images") as progress:
             metrics = evaluate_zero_shot(encoder, folder, prompts, progress=progress)
         metrics.update(held_out_summary(folder, held, metrics))
