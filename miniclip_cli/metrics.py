@@ -49,15 +49,15 @@ def retrieval_metrics(image_features, text_features, text_image) -> dict[str, fl
     return out
 
 
-def match3_top1(similarity: np.ndarray, text_image: np.ndarray, seed: int = 0) -> float:
+def match3_top1(similarity: np.ndarray, text_image: np.ndarray, seed: int = 0) -> float | None:
     """The demo's task, in percent: each image against each of its own captions and two captions of other
     images, drawn from `seed`; a hit when its own caption scores strictly highest (a tie is no pick, and a
     non-finite score ranks last).
 
-    similarity: i t; text_image: t, the image index of each caption."""
+    similarity: i t; text_image: t, the image index of each caption. None with a single image: no distractors."""
     text_image, similarity = np.asarray(text_image), _finite(similarity)
     if len(np.unique(text_image)) < 2:
-        return float("nan")
+        return None
     rng = np.random.default_rng(seed)
     own = similarity[text_image, np.arange(len(text_image))]  # t: each caption with its own image
     hits = np.ones(len(text_image), dtype=bool)

@@ -352,3 +352,18 @@ def test_a_copied_onnx_folder_is_a_model_on_its_own(runner, exported_run, tiny_d
     assert "run folder it was exported from" in result.output
     result = run_cli(runner, "eval", model, code=3)
     assert "pass --data DATASET or --zero-shot FOLDER" in result.output
+
+
+def test_match3_with_one_image_is_none_not_nan(capsys):
+    from rich.console import Console
+
+    from miniclip_cli.cli.common import print_json
+    from miniclip_cli.ui.tables import retrieval_table
+
+    m = retrieval_metrics(np.eye(2, dtype=np.float32)[:1], np.eye(2, dtype=np.float32), np.array([0, 0]))
+    assert m["match3_top1"] is None
+    print_json(m)  # valid JSON: null, where NaN would be refused
+    assert '"match3_top1": null' in capsys.readouterr().out
+    console = Console(width=100, record=True)
+    console.print(retrieval_table({**m, "images": 1, "captions": 2}, "one image"))
+    assert "3-way caption match n/a" in console.export_text()

@@ -17,8 +17,9 @@ def retrieval_table(metrics: dict, title: str) -> Table:
     for name, label in (("image_to_text", "image -> text"), ("text_to_image", "text -> image")):
         table.add_row(label, *(f"{metrics[f'{name}_R@{k}']:.2f}" for k in RECALL_KS),
                       f"{metrics[f'{name}_mean_rank']:.1f}", f"{metrics[f'{name}_median_rank']:.0f}")
+    match3 = "n/a (one image)" if metrics["match3_top1"] is None else f"{metrics['match3_top1']:.1f}%"
     table.caption = (f"mean recall {metrics['mean_recall']:.2f}  ·  3-way caption match "
-                     f"{metrics['match3_top1']:.1f}%  ·  {metrics['images']} images, "
+                     f"{match3}  ·  {metrics['images']} images, "
                      f"{metrics['captions']} captions")
     return table
 
