@@ -108,9 +108,10 @@ def export_run(run: Path, image_paths: list[Path], captions: list[str], which: s
             "image_size": config.model.image_size, "mean": list(config.data.mean), "std": list(config.data.std),
             "context_length": config.model.context_length, "vocab_size": config.model.vocab_size,
             "embed_dim": config.model.embed_dim, "logit_scale": float(model.scale().detach()),
-            "tokenizer": TOKENIZER, "templates": list(config.data.templates), "inputs": {"images": "float32 batch x 3 x size x size, normalised with mean/std",
-                                               "tokens": "int64 batch x length, <start> ... <end> then <pad>",
-                                               "lengths": "int64 batch, tokens up to and including <end>"},
+            "tokenizer": TOKENIZER, "templates": list(config.data.templates),
+            "inputs": {"images": "float32 batch x 3 x size x size, normalised with mean/std",
+                       "tokens": "int64 batch x length, <start> ... <end> then <pad>",
+                       "lengths": "int64 batch, tokens up to and including <end>"},
         }
         (staging / METADATA).write_text(json.dumps(metadata, indent=2), encoding="utf-8")
         _quantise(staging)

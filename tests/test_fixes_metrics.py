@@ -226,6 +226,7 @@ def test_nan_in_a_json_result_is_an_error_naming_it(runner, trained_run, tiny_da
     assert "scores[0].probability is nan" in result.output and "{" not in result.stdout
 
 
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # inf * 0 in the logits, on purpose
 def test_classify_refuses_non_finite_probabilities(trained_run, tiny_dataset):
     from miniclip_cli.runtime import open_encoder
 
