@@ -25,6 +25,24 @@ def test_collapsed_features_score_chance_not_100():
     assert m["mean_recall"] < 50
 
 
+def _clip_benchmark_recall(scores, positive_pairs, k):
+    """CLIP_benchmark's recall_at_k (a hit when any positive is in the top k), ported to NumPy."""
+    top = np.argsort(-scores, axis=1)[:, :k]
+    return np.take_along_axis(positive_pairs, top, axis=1).sum(axis=1) > 0
+
+
+def test_untied_recall_equals_clip_benchmark():
+    rng = np.random.default_rng(0)
+    images, texts = rng.normal(size=(40, 16)).astype(np.float32), rng.normal(size=(200, 16)).astype(np.float32)
+    owner = np.repeat(np.arange(40), 5)
+    m = retrieval_metrics(images, texts, owner)
+    positive = owner[:, None] == np.arange(40)[None, :]  # t i
+    scores = texts @ images.T  # t i
+    for k in (1, 5, 10):
+        assert m[f"text_to_image_R@{k}"] == pytest.approx(100 * _clip_benchmark_recall(scores, positive, k).mean())
+        assert m[f"image_to_text_R@{k}"] == pytest.approx(100 * _clip_benchmark_recall(scores.T, positive.T, k).mean())
+
+
 def test_nan_features_rank_last():
     owner = np.repeat(np.arange(10), 2)
     m = retrieval_metrics(np.full((10, 4), np.nan), np.ones((20, 4)), owner)
