@@ -92,6 +92,9 @@ def bench_rows(run: Path, image: Path, which: str = "best", repeats: int = 30, a
             result = {"row": row, "size_mb": _size_mb(run, row, which), **measure(encoder, image, repeats)}
             if accuracy is not None:
                 result["accuracy"] = accuracy(encoder)
+        except ModuleNotFoundError as exc:  # the PyTorch-free install
+            result = {"row": row, "error": f"needs {exc.name}, which this install lacks (`pip install .` in "
+                                          "miniclip's folder installs it)"}
         except (MiniclipError, ImportError, OSError) as exc:
             result = {"row": row, "error": str(exc)}
         rows.append(result)
