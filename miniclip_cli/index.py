@@ -261,6 +261,9 @@ def index_folder(folder: str | Path, encoder: Encoder, index_path: str | Path | 
         if old.root != root:
             raise DataError(f"{index_path}: indexes {old.root}, not {root}; give another --index PATH")
         _check_model(old, encoder, index_path)
+        if old.model["backend"] != encoder.backend:  # the same weights, but features of one kind per index
+            raise ConfigError(f"{index_path}: holds {old.model['backend']} features, not {encoder.backend}; index "
+                              f"with --backend {old.model['backend']}, or give --rebuild or another --index PATH")
 
     stats = IndexStats()
     keep, todo = [], []

@@ -241,3 +241,40 @@ def test_a_damaged_index_file_is_a_clear_error(tmp_path):
     bad.write_bytes(b"PK\x03\x04 not really")
     with pytest.raises(DataError, match="not a readable miniclip index"):
         mc.load_index(bad)
+
+
+def test_previews_as_half_blocks_and_as_kitty_images(tmp_path, monkeypatch):
+    import io
+
+    from PIL import Image
+    from rich.console import Console
+
+    from miniclip_cli.ui import preview
+
+    image = Image.new("RGB", (4, 4), (255, 0, 0))  # the preview's own size: no resampling to blur the colours
+    image.paste((0, 0, 255), (0, 2, 4, 4))
+    text = preview.half_blocks(image, cells=4)
+    assert text.plain == "▀▀▀▀\n▀▀▀▀\n"
+    assert {str(span.style) for span in text.spans} == {"rgb(255,0,0) on rgb(255,0,0)", "rgb(0,0,255) on rgb(0,0,255)"}
+
+    image.save(tmp_path / "a.png")
+    (tmp_path / "b.jpg").write_text("not an image")
+    for env, marker in (({"TERM": "xterm-256color"}, "▀"), ({"KITTY_WINDOW_ID": "1"}, "\x1b_Ga=T,f=100")):
+        monkeypatch.delenv("KITTY_WINDOW_ID", raising=False)
+        monkeypatch.delenv("TERM_PROGRAM", raising=False)
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        console = Console(file=io.StringIO(), force_terminal=True, color_system="truecolor", width=80)
+        preview.show(console, [("1. a.png", tmp_path / "a.png"), ("2. b.jpg", tmp_path / "b.jpg")])
+        shown = console.file.getvalue()
+        assert marker in shown and "1. a.png" in shown and "no preview" in shown
+
+
+def test_updating_an_index_with_another_backend_is_refused(exported_run, photos):
+    from miniclip_cli.errors import ConfigError
+
+    mc.index_folder(photos, mc.load(exported_run, "torch"))
+    with pytest.raises(ConfigError, match="holds torch features, not onnx"):
+        mc.index_folder(photos, mc.load(exported_run, "onnx"))
+    index, stats = mc.index_folder(photos, mc.load(exported_run, "onnx"), rebuild=True)
+    assert stats.new == 10 and index.model["backend"] == "onnx"

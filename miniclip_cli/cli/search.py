@@ -20,6 +20,9 @@ from . import command
 from .common import Backend, Device, JsonFlag
 
 
+PREVIEWS = 5  # more would push the table off the screen
+
+
 class _Rate(ProgressColumn):
     def render(self, task) -> Text:
         return Text(f"{task.speed:,.0f} images/s" if task.speed else "")
@@ -98,6 +101,7 @@ def search_command(
     backend: Optional[str] = typer.Option(None, "--backend", help="torch, onnx or onnx-fp32. Default: the index's."),
     index_path: Optional[Path] = typer.Option(None, "--index", help="Index file. Default: the one in --in DIR/.miniclip."),
     device: Device = "auto",
+    preview: bool = typer.Option(True, "--preview/--no-preview", help="Previews of the top results, when stdout is a terminal."),
     paths_only: bool = typer.Option(False, "--paths", help="Print only the paths, one a line, for pipes."),
     json_out: bool = typer.Option(False, "--json", help='Print [{"path", "score", "rank"}, ...].'),
 ):
@@ -139,6 +143,10 @@ def search_command(
         print("\n".join(str(h.path) for h in hits))
     else:
         out.print(_table(hits, ", ".join(queries), len(index)))
+        if preview and out.is_terminal:
+            from ..ui.preview import show
+
+            show(out, [(f"{h.rank}. {h.score:.4f}  {h.path.name}", h.path) for h in hits[:PREVIEWS]])
 
 
 def _query(query: str, text_only: bool) -> str | Path:
