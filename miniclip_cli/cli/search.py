@@ -78,9 +78,13 @@ def index_command(
     if not folder.expanduser().is_dir():
         raise DataError(f"{folder}: no such folder; give the folder that holds your photos")
     encoder = load(model_dir, backend, device)
-    with _IndexProgress() as bar:
-        index, stats = index_folder(folder, encoder, index_path, rebuild, progress=bar,
-                                    storage="float32" if float32 else None)
+    try:
+        with _IndexProgress() as bar:
+            index, stats = index_folder(folder, encoder, index_path, rebuild, progress=bar,
+                                        storage="float32" if float32 else None)
+    except KeyboardInterrupt:
+        info("the images embedded so far are saved in the index; run the same command again to continue")
+        raise
     summary = {"index": str(index.file), "images": len(index), "new": stats.new, "changed": stats.changed,
                "removed": stats.removed, "unchanged": stats.unchanged, "unreadable": stats.unreadable}
     if stats.unreadable:
