@@ -133,7 +133,11 @@ class Index:
             with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a name
                 np.savez(f, **arrays)
 
-        atomic_write(path, write)
+        try:
+            atomic_write(path, write)
+        except OSError as exc:  # a read-only photo folder, a full disk: the earlier index is left as it was
+            raise DataError(f"{path}: cannot write the index ({exc.strerror or exc}); give --index PATH in a "
+                            "writable folder") from None
         self.file = path
 
 

@@ -296,3 +296,9 @@ def test_float32_storage_keeps_the_features_bit_for_bit(runner, trained_run, pho
     assert "10 unchanged" in result.stderr
     int16 = mc.index_folder(photos, encoder, storage="int16", rebuild=True)[0]
     assert int16.storage == "int16" and np.abs(mc.load_index(int16.file).features - index.features).max() < 2e-5
+
+
+def test_an_index_that_cannot_be_written_is_a_clear_error(runner, trained_run, photos, tmp_path):
+    (tmp_path / "a_file").write_text("")
+    result = run_cli(runner, "index", photos, "--model", trained_run, "--index", tmp_path / "a_file" / "index.npz", code=2)
+    assert "cannot write the index" in result.stderr and "--index PATH" in result.stderr
