@@ -12,6 +12,7 @@ Every file is written to a temporary name, flushed and renamed, so a crash never
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -51,8 +52,15 @@ def _save(path: Path, write) -> None:
                         "free disk space or choose another --out") from None
 
 
-def save_weights(path: Path, model: MiniCLIP) -> None:
-    _save(path, lambda tmp: save_file(_contiguous(model.state_dict()), str(tmp)))
+def tokenizer_sha256(run: Path) -> str:
+    """The fingerprint of RUN/tokenizer.json that the weights record: token ids only mean something with the
+    tokenizer that numbered them, and another one of the same size would load without complaint."""
+    return hashlib.sha256((Path(run) / TOKENIZER).read_bytes()).hexdigest()
+
+
+def save_weights(path: Path, model: MiniCLIP, tokenizer_hash: str | None = None) -> None:
+    meta = {"tokenizer_sha256": tokenizer_hash} if tokenizer_hash else None
+    _save(path, lambda tmp: save_file(_contiguous(model.state_dict()), str(tmp), metadata=meta))
 
 
 def save_config(run: Path, config: RunConfig) -> None:
@@ -176,15 +184,40 @@ def load_run(run: str | Path, which: str = "best") -> tuple[MiniCLIP, RunConfig,
     if which == "best" and not weights.is_file() and (run / LAST).is_file():
         weights = run / LAST
     _load_model_state(model, _read_safetensors(weights), weights)
+    check_tokenizer(run, weights)
     model.eval()
     return model, config, tokenizer
+
+
+def check_tokenizer(run: Path, weights: Path) -> None:
+    """RUN/tokenizer.json must be the one `weights` were trained with (runs saved before weights recorded it
+    are taken as they are)."""
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            recorded = (f.metadata() or {}).get("tokenizer_sha256")
+    except (SafetensorError, OSError):
+        return  # _read_safetensors has read it already; nothing more to learn here
+    if recorded and recorded != tokenizer_sha256(run):
+        raise CheckpointError(f"{Path(run) / TOKENIZER}: not the tokenizer {weights.name} was trained with (its "
+                              "sha256 differs from the one the weights record); put back the run's own tokenizer.json")
 
 
 def read_history(run: Path) -> list[dict]:
     path = Path(run) / HISTORY
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
+        try:
+            record = json.loads(line) if line.strip() else None
+            if record is not None and not isinstance(record.get("step"), int):
+                raise ValueError("no step")
+        except (ValueError, AttributeError, RecursionError):
+            raise CheckpointError(f"{path}: line {number} is damaged; restore the file from a copy of the run, or "
+                                  "delete that line and the ones after it, then resume") from None
+        if record is not None:
+            records.append(record)
+    return records
 
 
 def write_history(run: Path, history: list[dict]) -> None:

@@ -29,7 +29,14 @@ class CheckpointError(MiniclipError):
 
 
 class SaveError(CheckpointError):
-    """A run file that could not be written (disk full, folder removed); its previous version is unchanged."""
+    """A file that could not be written (disk full, folder removed, a planted link); its previous version is
+    unchanged."""
+
+
+class BusyError(MiniclipError):
+    """A folder another miniclip process holds (run_files.lock_folder); nothing was changed."""
+
+    exit_code = 9
 
 
 class DeviceError(MiniclipError):
@@ -42,3 +49,9 @@ class ThresholdError(MiniclipError):
     """A measured metric fell below the floor the user set (bench --min-metric)."""
 
     exit_code = 7
+
+
+class DivergedError(MiniclipError):
+    """Training produced a non-finite loss; the checkpoints from before it are unchanged."""
+
+    exit_code = 8

@@ -9,17 +9,18 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import tempfile
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .checkpoint import load_run
+from .checkpoint import load_run, tokenizer_sha256
 from .errors import CheckpointError
 from .model import MiniCLIP
-from .run_files import TOKENIZER
-from .runtime import METADATA, ONNX_DIR, ONNX_FILES, OnnxEncoder, TorchEncoder
+from .run_files import TOKENIZER, atomic_write
+from .runtime import METADATA, ONNX_DIR, ONNX_FILES, OnnxEncoder, TorchEncoder, check_features
 
 OPSET = 17
 # fp32 ONNX must reproduce PyTorch up to float rounding; int8 only approximately.
@@ -91,30 +92,33 @@ def export_run(run: Path, image_paths: list[Path], captions: list[str], which: s
     run = Path(run)
     model, config, tokenizer = load_run(run, which)
     model = model.float().eval()
-    staging = run / f".{ONNX_DIR}-staging"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    # A model with broken weights is refused before exporting: the quantiser would fail on it with a bare assert.
+    reference = TorchEncoder(model, tokenizer, config.data.mean, config.data.std, torch.device("cpu"), "fp32")
+    pixels = reference.pixels(image_paths)
+    ids, lengths = tokenizer.encode(captions, config.model.context_length)
+    reference_outputs = (check_features(reference.encode_pixels(pixels), "images"),
+                         check_features(reference.encode_tokens(ids, lengths), "captions"))
+    # Fresh names made exclusively: a fixed one could be a planted link or a leftover of a killed export.
+    staging = Path(tempfile.mkdtemp(dir=run, prefix=f".{ONNX_DIR}-staging-"))
     try:
         _export_fp32(model, staging)
-        shutil.copyfile(run / TOKENIZER, staging / TOKENIZER)
+        atomic_write(staging / TOKENIZER, lambda tmp: shutil.copyfile(run / TOKENIZER, tmp))
         metadata = {
             "format": "miniclip-onnx/1", "source_checkpoint": which, "opset": OPSET,
             "image_size": config.model.image_size, "mean": list(config.data.mean), "std": list(config.data.std),
             "context_length": config.model.context_length, "vocab_size": config.model.vocab_size,
             "embed_dim": config.model.embed_dim, "logit_scale": float(model.scale().detach()),
-            "tokenizer": TOKENIZER, "inputs": {"images": "float32 batch x 3 x size x size, normalised with mean/std",
-                                               "tokens": "int64 batch x length, <start> ... <end> then <pad>",
-                                               "lengths": "int64 batch, tokens up to and including <end>"},
+            "tokenizer": TOKENIZER, "tokenizer_sha256": tokenizer_sha256(run), "templates": list(config.data.templates),
+            "inputs": {"images": "float32 batch x 3 x size x size, normalised with mean/std",
+                       "tokens": "int64 batch x length, <start> ... <end> then <pad>",
+                       "lengths": "int64 batch, tokens up to and including <end>"},
         }
-        (staging / METADATA).write_text(json.dumps(metadata, indent=2), encoding="utf-8")
+        atomic_write(staging / METADATA, lambda tmp: tmp.write_text(json.dumps(metadata, indent=2), encoding="utf-8"))
         _quantise(staging)
 
-        reference = TorchEncoder(model, tokenizer, config.data.mean, config.data.std, torch.device("cpu"), "fp32")
         fp32, int8 = OnnxEncoder(staging, "fp32"), OnnxEncoder(staging, "int8")
-        pixels = reference.pixels(image_paths)
-        ids, lengths = tokenizer.encode(captions, config.model.context_length)
-        outputs = {name: (enc.encode_pixels(pixels), enc.encode_tokens(ids, lengths))
-                   for name, enc in (("torch", reference), ("fp32", fp32), ("int8", int8))}
+        outputs = {"torch": reference_outputs, **{name: (enc.encode_pixels(pixels), enc.encode_tokens(ids, lengths))
+                                                  for name, enc in (("fp32", fp32), ("int8", int8))}}
         checks = {
             "fp32_vs_torch": {"image": _compare(outputs["fp32"][0], outputs["torch"][0]),
                               "text": _compare(outputs["fp32"][1], outputs["torch"][1])},
@@ -122,21 +126,21 @@ def export_run(run: Path, image_paths: list[Path], captions: list[str], which: s
                              "text": _compare(outputs["int8"][1], outputs["fp32"][1])},
             "images": len(image_paths), "captions": len(captions),
         }
+        # Written as `not within`, so that a NaN, which compares false both ways, fails.
         for tower in ("image", "text"):
             diff = checks["fp32_vs_torch"][tower]["max_abs_diff"]
-            if diff > FP32_MAX_ABS_DIFF:
+            if not diff <= FP32_MAX_ABS_DIFF:
                 raise CheckpointError(f"{staging / ONNX_FILES['fp32'][0 if tower == 'image' else 1]}: the {tower} encoder "
                                       f"differs from PyTorch by {diff:.2e} (tolerance {FP32_MAX_ABS_DIFF}); nothing was "
                                       "written, please report this with --debug")
             cosine = checks["int8_vs_fp32"][tower]["mean_cosine"]
-            if cosine < INT8_MIN_MEAN_COSINE:
+            if not cosine >= INT8_MIN_MEAN_COSINE:
                 raise CheckpointError(f"the int8 {tower} encoder keeps only {cosine:.3f} mean cosine to fp32 (needs "
                                       f"{INT8_MIN_MEAN_COSINE}); nothing was written, keep using the fp32 model")
         metadata["checks"] = checks
-        (staging / METADATA).write_text(json.dumps(metadata, indent=2), encoding="utf-8")
+        atomic_write(staging / METADATA, lambda tmp: tmp.write_text(json.dumps(metadata, indent=2), encoding="utf-8"))
         final = run / ONNX_DIR
-        retired = run / f".{ONNX_DIR}-old"
-        shutil.rmtree(retired, ignore_errors=True)
+        retired = Path(tempfile.mkdtemp(dir=run, prefix=f".{ONNX_DIR}-old-"))  # renamed over while empty
         if final.exists():
             final.rename(retired)
         staging.rename(final)

@@ -83,7 +83,9 @@ def assert_resumes_exactly(runner, train_args, straight, stopped):
     from miniclip_cli.config import load_run_config
 
     run_cli(runner, *train_args, "--out", stopped, "--max-steps", 3)
-    run_cli(runner, "train", "--out", stopped, "--resume")
+    # A resume keeps the run's limit of 3 steps unless given a new one: the run's own epochs here.
+    epochs = train_args[train_args.index("--epochs") + 1]
+    run_cli(runner, "train", "--out", stopped, "--resume", "--epochs", epochs)
     assert_same_weights(straight, stopped)
     return load_run_config(stopped)
 

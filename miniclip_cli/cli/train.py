@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import signal
 import sys
 from pathlib import Path
 from typing import Optional
@@ -11,15 +13,17 @@ from typing import Optional
 import typer
 
 from ..config import (
+    REMOVED_IN,
     DataConfig,
+    RuntimeConfig,
     RunConfig,
     apply_overrides,
     load_run_config,
     preset_configs,
 )
 from ..data.shards import is_shard_spec, open_shards, shard_captions
-from ..errors import ConfigError, DataError, SaveError
-from ..run_files import CONFIG, RESUME
+from ..errors import CheckpointError, ConfigError, DataError, SaveError
+from ..run_files import BEST, CONFIG, HISTORY, LAST, RESUME, TOKENIZER, check_writable, lock_folder
 from ..tokenizer import Tokenizer, train_tokenizer
 from ..ui import charts
 from ..ui.console import err, info, only_rank_zero_speaks, out, warn
@@ -56,14 +60,14 @@ def _latest_run_folder(name: str) -> Path:
     return max(runs, key=lambda p: (p / RESUME).stat().st_mtime)
 
 
-def _check_writable(run: Path) -> None:
-    try:
-        run.mkdir(parents=True, exist_ok=True)
-        probe = run / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as exc:
-        raise ConfigError(f"{run}: cannot write there ({exc.strerror}); choose another --out") from None
+RUN_FILES = (CONFIG, TOKENIZER, BEST, LAST, RESUME, HISTORY)
+
+
+def _clear_run(run: Path) -> None:
+    """--overwrite: remove the files a run folder holds (and its export), nothing else."""
+    for name in RUN_FILES:
+        (run / name).unlink(missing_ok=True)
+    shutil.rmtree(run / "onnx", ignore_errors=True)
 
 
 def _tokenizer_report(tokenizer: Tokenizer, captions: list[str], context_length: int) -> dict:
@@ -135,24 +139,25 @@ def train_command(
     data: Optional[str] = typer.Option(None, "--data", help=DATA_HELP),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Run folder. Default: artifacts/runs/DATASET (numbered if taken)."),
     tokenizer_path: Optional[Path] = typer.Option(None, "--tokenizer", help="A tokenizer.json to use; default: train one on the training captions."),
-    vocab_size: int = typer.Option(10_000, "--vocab-size", help="Vocabulary size when training the tokenizer."),
+    vocab_size: Optional[int] = typer.Option(None, "--vocab-size", help="Vocabulary size when training the tokenizer (10,000)."),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Passes over the training images. Default: the preset's, or 10 on the built-in data."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per micro-batch and process; the loss sees processes x accum-steps x this many, all negatives of each other. Default: the preset's (128)."),
-    accum_steps: int = typer.Option(1, "--accum-steps", help="Micro-batches per optimizer step: a contrastive batch accum-steps times larger, in the memory of one."),
+    accum_steps: Optional[int] = typer.Option(None, "--accum-steps", help="Micro-batches per optimizer step: a contrastive batch accum-steps times larger, in the memory of one."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (AdamW, warm-up then cosine decay). Default: the preset's."),
     weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="AdamW weight decay on weight matrices. Default: the preset's."),
     captions: Optional[str] = typer.Option(None, "--captions", help="'one': one caption per image per epoch, drawn anew (or train.positives of them); 'all': every caption. Default: the preset's."),
     device: Device = "auto",
-    precision: str = typer.Option("auto", "--precision", help="auto (bf16 where fast), fp32 or bf16."),
-    seed: int = typer.Option(0, "--seed", help="Seeds weights, data order, caption draws and crops."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="auto (bf16 where fast; the default), fp32 or bf16."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seeds weights, data order, caption draws and crops (0)."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many steps in all (resumable)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out (or the latest run of this dataset) where it stopped."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out (or the latest run of this dataset) where it stopped, with its limits; --epochs or --max-steps set new ones."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Start over in an --out folder that holds a run: its run files are removed first."),
     save_every: Optional[int] = typer.Option(None, "--save-every", help="Also write a resumable checkpoint every N steps."),
-    cache: bool = typer.Option(True, "--cache/--no-cache", help="Decode the training images once into artifacts/cache (or $MINICLIP_CACHE) and reuse them."),
-    compile_model: bool = typer.Option(False, "--compile", help="torch.compile the model: worth it on a GPU (about 2x, for tens of seconds of compiling); rarely on a CPU."),
-    workers: int = typer.Option(-1, "--workers", help="Data loader processes (per training process); -1 picks by device."),
-    preset: str = typer.Option("default", "--preset", help="Model and recipe: default (9 M parameters), reference (issue 7's baseline recipe) or tiny (for smoke tests)."),
-    overrides: Optional[list[str]] = typer.Option(None, "--set", help="Change one config setting, SECTION.KEY=VALUE (see config.json); repeatable. E.g. --set train.positives=1 --set model.stem=linear."),
+    cache: Optional[bool] = typer.Option(None, "--cache/--no-cache", help="Decode the training images once into the per-user cache (see `miniclip cache`; $MINICLIP_CACHE) and reuse them (the default)."),
+    compile_model: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model: worth it on a GPU (about 2x, for tens of seconds of compiling); rarely on a CPU."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Data loader processes (per training process); -1 (the default) picks by device."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="Model and recipe: default (9 M parameters), shapes (the built-in data's, the default without --data) or tiny (for smoke tests)."),
+    overrides: Optional[list[str]] = typer.Option(None, "--set", help="Change one config setting, SECTION.KEY=VALUE (see config.json); repeatable. E.g. --set train.ema=0.995 --set train.distill=1."),
     val_data: Optional[str] = typer.Option(None, "--val-data", help="Validate on this dataset's val split (for shards: the split `miniclip shard` left out)."),
     nproc: Optional[int] = typer.Option(None, "--nproc", help="Train as N processes on this machine (one per GPU): starts torchrun for you."),
     zero_shot: ZeroShot = None,
@@ -182,7 +187,7 @@ def train_command(
     """
     from .. import distributed
     from ..checkpoint import load_run_tokenizer, read_resume_metadata, save_config
-    from ..train import TrainingInterrupted, check_world_size, fit
+    from ..train import TrainingInterrupted, check_world_size, fit, sigterm_as_interrupt
 
     if nproc is not None and nproc != 1:
         if distributed.launched_by_torchrun():
@@ -190,46 +195,83 @@ def train_command(
         if nproc < 1:
             raise ConfigError(f"--nproc must be at least 1, got {nproc}")
         raise typer.Exit(distributed.launch(sys.argv[1:], nproc))
+    if save_every is not None and save_every < 1:
+        raise ConfigError(f"--save-every must be at least 1 (a resumable checkpoint every N steps), got {save_every}")
+    # How the run executes: a resume may change these, a new run takes them over its preset's.
+    runtime = {"max_steps": max_steps, "workers": workers, "cache": cache, "compile": compile_model,
+               "precision": precision}
+    # What the run learns: fixed once it has started.
+    recipe_flags = {"--data": data, "--tokenizer": tokenizer_path, "--vocab-size": vocab_size, "--batch-size": batch_size,
+                    "--accum-steps": accum_steps, "--lr": lr, "--weight-decay": weight_decay, "--captions": captions,
+                    "--seed": seed, "--preset": preset, "--set": overrides, "--val-data": val_data,
+                    "--zero-shot": zero_shot, "--overwrite": overwrite or None}
     world, torch_device = distributed.setup(device)
     only_rank_zero_speaks(world.rank)
+    folder = contextlib.ExitStack()  # the run folder's lock, held by rank 0 from before it reads the folder
+
+    def claim(run: Path) -> None:
+        if world.is_main:
+            check_writable(run, "choose another --out")
+            folder.enter_context(lock_folder(run, "train"))
+
     try:
         if resume:
+            given = [flag for flag, value in recipe_flags.items() if value is not None and flag != "--data"]
+            if given:
+                raise ConfigError(f"{', '.join(given)} would change the run being resumed; resume without "
+                                  f"{'it' if len(given) == 1 else 'them'}, or start a new run with another --out")
             run = out_dir or _latest_run_folder(dataset_name(data))
+            claim(run)
             config = load_run_config(run)
+            if config.removed:
+                raise ConfigError(f"{run}: this run trained with {', '.join(config.removed)}, which miniclip no longer "
+                                  "has, so it cannot continue with the same recipe; evaluate or export it as it is, "
+                                  f"or continue it with the last version that has it (git checkout {REMOVED_IN})")
             tokenizer = load_run_tokenizer(run, config)
-            counters, _ = read_resume_metadata(run)  # a bad resume file fails now, not after the dataset is read
-            check_world_size(counters, world.world_size, run)
-            if epochs is not None and epochs != config.train.epochs:
+            if (run / RESUME).is_file():
+                counters, _ = read_resume_metadata(run)  # a bad resume file fails now, not after the dataset is read
+                check_world_size(counters, world.world_size, run)
+            elif (run / LAST).is_file():
+                raise CheckpointError(f"{run / RESUME}: missing, so the run's optimizer state is lost and it cannot "
+                                      f"continue exactly; start it over with --overwrite (or another --out)")
+            if data is not None and _absolute(data) != config.data.path:
+                raise ConfigError(f"--data {data}: this run trains on {config.data.path or 'the built-in dataset'}; "
+                                  "resume without --data")
+            if epochs is not None:
                 config.train.epochs = epochs
-                config.validate()
-                if world.is_main:
-                    save_config(run, config)
-            config.train.max_steps = max_steps
+                if max_steps is None:  # a new limit in epochs replaces a step limit the run was started with
+                    config.runtime.max_steps = None
+            for name, value in runtime.items():
+                if value is not None:
+                    setattr(config.runtime, name, value)
+            config.validate()
+            if world.is_main:
+                save_config(run, config)
             data, val_data = config.data.path, config.data.val_path
             info(f"resuming {run}")
         else:
-            model_config, train_config = preset_configs(preset)
+            preset_name = preset or ("default" if data is not None else "shapes")
+            model_config, train_config = preset_configs(preset_name)
             # rank 0 names the folder: the others would see its config.json and pick the next free name.
             run = Path(distributed.broadcast_object(str(out_dir or _new_run_folder(dataset_name(data)))))
+            claim(run)
             if (run / CONFIG).exists():
-                raise ConfigError(f"{run} already holds a run; pass --resume to continue it or choose another --out")
-            if data is None:
-                train_config.epochs = 10
-                # Shapes sit anywhere on the canvas: a deep crop would cut away what the caption names.
-                train_config.crop_scale = (0.8, 1.0)
+                if not overwrite:
+                    raise ConfigError(f"{run} already holds a run; pass --resume to continue it, --overwrite to start "
+                                      "it over, or choose another --out")
+                if world.is_main:
+                    _clear_run(run)
+                distributed.barrier()
             flags = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
-                     "captions": captions}
+                     "captions": captions, "accum_steps": accum_steps, "seed": seed}
+            runtime_config = RuntimeConfig(**{k: v for k, v in runtime.items() if v is not None})
             for name, value in flags.items():
                 if value is not None:
                     setattr(train_config, name, value)
-            train_config.accum_steps, train_config.seed, train_config.precision = accum_steps, seed, precision
-            train_config.max_steps, train_config.workers, train_config.cache = max_steps, workers, cache
-            train_config.compile = compile_model
             train_config.validate()
-        if world.is_main:
-            _check_writable(run)
+            runtime_config.validate()
 
-        seed_for_split = config.train.seed if resume else seed
+        seed_for_split = config.train.seed if resume else train_config.seed
         allow_outside = resume and config.data.allow_outside_paths or allow_outside_paths
         train_data, val_items, train_captions, layout = _open_training_data(data, seed_for_split, allow_outside,
                                                                             json_out)
@@ -245,7 +287,7 @@ def train_command(
                 if tokenizer_path is not None:
                     tokenizer = Tokenizer.load(tokenizer_path)
                 else:
-                    tokenizer = train_tokenizer(train_captions, vocab_size)
+                    tokenizer = train_tokenizer(train_captions, vocab_size or 10_000)
             if world.world_size > 1:  # one tokenizer for all: each training its own could number tokens differently
                 tokenizer = Tokenizer.from_json(distributed.broadcast_object(tokenizer.to_json() if world.is_main else None))
             model_config.vocab_size = tokenizer.vocab_size
@@ -256,8 +298,8 @@ def train_command(
                 data_config.templates = ("a photo of a {}", "a {}")  # the captions' own style: no full stop
             if zero_shot is not None:
                 data_config.zero_shot = str(zero_shot.expanduser().resolve())
-            config = apply_overrides(RunConfig(model=model_config, train=train_config, data=data_config),
-                                     overrides or [])
+            config = apply_overrides(RunConfig(model=model_config, train=train_config, data=data_config,
+                                               runtime=runtime_config), overrides or [])
 
         context = config.model.context_length
         report = _tokenizer_report(tokenizer, train_captions, context)
@@ -269,18 +311,20 @@ def train_command(
                  f"{context}-token context and are cut to it (keeping their <end> token)")
 
         try:
-            with TrainProgress() if world.is_main else contextlib.nullcontext() as progress:
+            with sigterm_as_interrupt(), TrainProgress() if world.is_main else contextlib.nullcontext() as progress:
                 history = fit(config, tokenizer, train_data, val_items, run, torch_device, resume=resume,
                               save_every=save_every, callbacks=progress)
         except TrainingInterrupted as stop:
-            err.print(f"[yellow]interrupted[/] at step {stop.step}; checkpoint saved. "
+            how = "interrupted" if stop.signal == signal.SIGINT else f"stopped by {signal.Signals(stop.signal).name}"
+            err.print(f"[yellow]{how}[/] at step {stop.step}; checkpoint saved. "
                       f"Resume with: miniclip train --out {run} --resume", soft_wrap=True)
-            raise typer.Exit(130) from None
+            raise typer.Exit(128 + stop.signal) from None
         except SaveError as exc:
             if (run / RESUME).is_file():
                 raise SaveError(f"{exc}, then continue with: miniclip train --out {run} --resume") from None
             raise
     finally:
+        folder.close()
         distributed.teardown()
     if not world.is_main:
         return
