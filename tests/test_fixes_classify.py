@@ -112,7 +112,7 @@ def test_classify_a_folder_prints_one_json_line_per_image(runner, trained_run, p
     assert [p["image"] for p in payloads] == [str(photos / name) for name in ("a.png", "b.png", "c.jpg")]
     for payload in payloads:
         assert [s["caption"] for s in payload["scores"]] == ["a red circle", "a blue square", "a green circle"]
-        assert abs(sum(s["probability"] for s in payload["scores"]) - 1) < 1e-5
+        assert abs(sum(s["probability"] for s in payload["scores"]) - 1) < 1e-3  # each rounded to 4 decimals
     # notes.txt and the FIFO are counted, never opened; the sub-folder is not searched.
     assert "skipped 2" in result.output and "more/d.png" not in result.stdout and "._a.png" not in result.output
 

@@ -73,9 +73,9 @@ def test_train_with_crops_cut_on_the_device(runner, tiny_dataset, tmp_path, monk
     monkeypatch.setenv("MINICLIP_CACHE", str(tmp_path / "cache"))
     common = ["train", "--data", tiny_dataset, "--preset", "tiny", "--epochs", 1, "--batch-size", 8, "--workers", 0,
               "--vocab-size", 300]
-    payload = json_of(run_cli(runner, *common, "--out", tmp_path / "run", "--set", "train.augment=device", "--json"))
+    payload = json_of(run_cli(runner, *common, "--out", tmp_path / "run", "--set", "runtime.augment=device", "--json"))
     assert payload["steps"] > 0 and payload["last"]["train_loss"] > 0
-    result = run_cli(runner, *common, "--out", tmp_path / "run2", "--no-cache", "--set", "train.augment=device", code=3)
+    result = run_cli(runner, *common, "--out", tmp_path / "run2", "--no-cache", "--set", "runtime.augment=device", code=3)
     assert "drop --no-cache" in result.output
 
 

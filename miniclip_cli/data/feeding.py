@@ -80,8 +80,8 @@ def device_crops(config: RunConfig, device: torch.device, cached: bool) -> bool:
     not the CPU, since on a CPU the loader process resizes in parallel with the model's step."""
     augment = config.runtime.augment
     if augment == "device" and not cached:
-        raise ConfigError("train.augment=device cuts crops from the decoded-image cache; drop --no-cache, or use "
-                          "--set train.augment=loader (shards always crop in the loader)")
+        raise ConfigError("runtime.augment=device cuts crops from the decoded-image cache; drop --no-cache, or use "
+                          "--set runtime.augment=loader (shards always crop in the loader)")
     return cached and (augment == "device" or augment == "auto" and device.type != "cpu")
 
 
