@@ -67,7 +67,11 @@ class Encoder:
 
     def caption_probabilities(self, image: Path, captions: list[str]) -> list[float]:
         """Softmax over the captions of the scaled cosine similarities with the image."""
-        image_features = self.encode_pixels(self.pixels([image]))
+        return self.pixel_probabilities(self.pixels([image]), captions)
+
+    def pixel_probabilities(self, pixels: np.ndarray, captions: list[str]) -> list[float]:
+        """caption_probabilities for one image already decoded to pixels (1 3 s s), e.g. an upload."""
+        image_features = self.encode_pixels(pixels)
         logits = self.logit_scale * image_features @ self.encode_texts(captions).T  # 1 c
         logits = logits[0] - logits[0].max()
         probabilities = np.exp(logits) / np.exp(logits).sum()
