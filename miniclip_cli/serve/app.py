@@ -120,7 +120,7 @@ class Service:
         if workers < 1 or max_pending < workers:
             raise ConfigError(f"--workers {workers}: give 1 or more (and at most {max_pending})")
         self.encoder, self.model_name, self.backend, self.index = encoder, model_name, backend, index
-        self.max_upload = int(max_upload_mb * 1024 * 1024)
+        self.max_upload_mb, self.max_upload = max_upload_mb, int(max_upload_mb * 2 ** 20)
         self.gate = Gate(workers, max_pending)
         self.thumb_limiter = anyio.CapacityLimiter(workers)  # thumbnails wait their turn, never a 503
         self.thumbs: OrderedDict[str, bytes] = OrderedDict()
@@ -259,7 +259,7 @@ class Service:
     async def read_form(self, request: Request):
         """The multipart form, refused with 413 as soon as the body passes the size limit."""
         limit = self.max_upload + FORM_SLACK
-        too_big = HTTPException(413, f"the upload is over {self.max_upload / 2 ** 20:g} MB; send a smaller image "
+        too_big = HTTPException(413, f"the upload is over {self.max_upload_mb:g} MB; send a smaller image "
                                      "(or start the server with a larger --max-upload-mb)")
         try:
             declared = int(request.headers.get("content-length", "0"))
@@ -293,7 +293,7 @@ class Service:
         if not data:
             raise HTTPException(400, f"{name}: the file is empty")
         if len(data) > self.max_upload:
-            raise HTTPException(413, f"{name}: over {self.max_upload / 2 ** 20:g} MB; send a smaller image")
+            raise HTTPException(413, f"{name}: over {self.max_upload_mb:g} MB; send a smaller image")
         return name, data
 
 
