@@ -29,7 +29,7 @@ async function call(url, options) {
   } catch (e) {
     throw new Error("the server does not answer; is `miniclip serve` still running?");
   }
-  footer(performance.now() - start);
+  if (health) footer(performance.now() - start);
   const body = await response.json().catch(() => ({ error: `HTTP ${response.status}` }));
   if (!response.ok) throw new Error(body.error || `HTTP ${response.status}`);
   return body;
