@@ -109,6 +109,7 @@ def test_classify_returns_what_classify_json_prints(runner, exported_run, image,
     assert [s["probability"] for s in served["scores"]] == pytest.approx(
         [s["probability"] for s in printed["scores"]], abs=1e-6)
     assert sum(s["probability"] for s in served["scores"]) == pytest.approx(1.0)
+    assert classify(client, image.read_bytes(), CAPTIONS).json() == served  # the caption set's cached features
 
 
 def test_an_html_caption_comes_back_as_plain_text(client, image):

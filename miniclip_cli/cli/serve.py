@@ -15,12 +15,13 @@ from .common import Backend, Checkpoint, Device
 
 
 def _listen(host: str, port: int) -> socket.socket:
-    """A bound socket, so that a port in use is one clear line rather than a server log."""
+    """A listening socket, so that a port in use is one clear line rather than a server log."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
+        sock.listen(1024)  # connections wait in the queue from now on, before the server has started
     except OSError as exc:
         sock.close()
         raise ConfigError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); give another --port, "

@@ -18,6 +18,7 @@ import contextlib
 import io
 import ipaddress
 import math
+import threading
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -40,6 +41,9 @@ MAX_TEXT = 300  # characters in a caption or a query; the tokenizer keeps far fe
 MAX_TOP = 100
 FORM_SLACK = 64 * 1024  # captions and multipart headers, on top of the image's size limit
 THUMB_PX, THUMB_CACHE = 320, 256  # 256 thumbnails of ~20 kB: the cache stays near 5 MB
+# Caption sets whose features are kept: the page sends the same captions with each new image. Kept per set, as
+# `classify` encodes them (int8 activations are quantised per batch, so one caption alone could differ slightly).
+TEXT_CACHE = 256
 BACKEND_LABELS = {"torch": "PyTorch", "onnx": "ONNX int8", "onnx-fp32": "ONNX fp32"}
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
 SECURITY_HEADERS = {
@@ -124,6 +128,8 @@ class Service:
         self.gate = Gate(workers, max_pending)
         self.thumb_limiter = anyio.CapacityLimiter(workers)  # thumbnails wait their turn, never a 503
         self.thumbs: OrderedDict[str, bytes] = OrderedDict()
+        self.texts: OrderedDict[tuple, object] = OrderedDict()  # caption set -> c d features
+        self.texts_lock = threading.Lock()  # read and written from the inference threads
         self.photo_root = index.root.resolve() if index is not None else None
         self.photo_paths = set(index.paths) if index is not None else set()
         self.page = (STATIC / "index.html").read_bytes()
@@ -155,11 +161,25 @@ class Service:
         return JSONResponse({"image": name, "scores": scores}, headers=timing(start))
 
     def caption_probabilities(self, data: bytes, name: str, captions: list[str]) -> list[float]:
-        probabilities = self.encoder.pixel_probabilities(self.pixels(data, name), captions)
+        pixels = self.pixels(data, name)
+        probabilities = self.encoder.pixel_probabilities(pixels, captions, self.text_features(captions))
         if not all(math.isfinite(p) for p in probabilities):
             raise CheckpointError(f"{self.model_name}: the model gave non-finite probabilities for {name}; its "
                                   "weights are damaged: check the run with `miniclip eval`")
         return probabilities
+
+    def text_features(self, captions: list[str]):
+        key = tuple(captions)
+        with self.texts_lock:
+            if key in self.texts:
+                self.texts.move_to_end(key)
+                return self.texts[key]
+        features = self.encoder.encode_texts(captions)
+        with self.texts_lock:
+            self.texts[key] = features
+            while len(self.texts) > TEXT_CACHE:
+                self.texts.popitem(last=False)
+        return features
 
     def pixels(self, data: bytes, name: str):
         """1 3 s s float32, as `eval_pixels` makes from a file: the same decoder (with its pixel limit) and crop."""
