@@ -7,8 +7,8 @@
     POST /api/search              multipart: `image`, `top` -> the same, with the image as the query
     GET  /photos/PATH[?thumb=1]   a photo of the index (or a small JPEG of it), and nothing else
 
-Every refusal is a 4xx with {"error": "..."}. Inference runs on `workers` threads; at most `max_pending`
-requests are in flight and the next ones get 503, so a burst cannot grow memory without bound.
+Every refusal is a 4xx with {"error": "..."}. Inference runs on `workers` threads; at most `max_waiting`
+more requests wait and the next ones get 503, so a burst cannot grow memory without bound.
 No torch is imported here: with an ONNX encoder the server runs on the PyTorch-free install.
 """
 
@@ -18,6 +18,7 @@ import contextlib
 import io
 import ipaddress
 import math
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -118,14 +119,14 @@ class Service:
     """The model, the optional photo index, and the request handlers over them."""
 
     def __init__(self, encoder: Encoder, model_name: str, backend: str, index=None, max_upload_mb: float = 20,
-                 workers: int = 2, max_pending: int = 16):
+                 workers: int = 2, max_waiting: int = 16):
         if max_upload_mb <= 0:
             raise ConfigError(f"--max-upload-mb {max_upload_mb}: give a size above 0")
-        if workers < 1 or max_pending < workers:
-            raise ConfigError(f"--workers {workers}: give 1 or more (and at most {max_pending})")
+        if workers < 1:
+            raise ConfigError(f"--workers {workers}: give 1 or more")
         self.encoder, self.model_name, self.backend, self.index = encoder, model_name, backend, index
         self.max_upload_mb, self.max_upload = max_upload_mb, int(max_upload_mb * 2 ** 20)
-        self.gate = Gate(workers, max_pending)
+        self.gate = Gate(workers, workers + max_waiting)
         self.thumb_limiter = anyio.CapacityLimiter(workers)  # thumbnails wait their turn, never a 503
         self.thumbs: OrderedDict[str, bytes] = OrderedDict()
         self.texts: OrderedDict[tuple, object] = OrderedDict()  # caption set -> c d features
@@ -186,7 +187,9 @@ class Service:
         try:
             image = load_rgb(io.BytesIO(data), name=name)
         except DataError as problem:
-            raise HTTPException(415, str(problem)) from None
+            # PIL names an in-memory file by its repr; name the upload instead.
+            message = re.sub(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>", repr(name), str(problem))
+            raise HTTPException(415, message) from None
         encoder = self.encoder
         return normalise(resize_centre_crop(image, encoder.image_size), encoder.mean, encoder.std)[None]
 
@@ -361,12 +364,12 @@ async def internal_error(request: Request, exc: Exception) -> Response:
 
 
 def create_app(encoder: Encoder, model_name: str, backend: str, index=None, max_upload_mb: float = 20,
-               workers: int = 2, max_pending: int = 16, allowed_hosts: set[str] | None = None):
+               workers: int = 2, max_waiting: int = 16, allowed_hosts: set[str] | None = None):
     """The ASGI app over an encoder and an optional loaded index (miniclip_cli.index.load_index).
 
     allowed_hosts: the Host names to answer (None: any); `build_app` gives the loopback names when the server
     listens on loopback."""
-    service = Service(encoder, model_name, backend, index, max_upload_mb, workers, max_pending)
+    service = Service(encoder, model_name, backend, index, max_upload_mb, workers, max_waiting)
     routes = [
         Route("/", service.home),
         Route("/app.js", service.app_js),
