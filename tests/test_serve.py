@@ -118,6 +118,13 @@ def test_an_html_caption_comes_back_as_plain_text(client, image):
     assert response.json()["scores"][0]["caption"] == markup
 
 
+def test_a_non_finite_result_is_an_error_not_a_number(exported_run, image):
+    guarded = build_app(exported_run, "onnx")
+    guarded.app.state.service.encoder.logit_scale = float("nan")  # as a damaged run would load
+    client = TestClient(guarded, base_url="http://127.0.0.1")
+    assert "non-finite" in refused(classify(client, image.read_bytes(), CAPTIONS), 500)
+
+
 def test_caption_refusals(client, image):
     data = image.read_bytes()
     assert "at least two" in refused(classify(client, data, ["a red circle"]), 400)

@@ -206,8 +206,8 @@ class Service:
 
         async with self.gate.slot():
             start = time.perf_counter()
-            direction = await self.gate.run(query_vector, self.encoder, [query])
-        return JSONResponse(self.hits(index, direction, top), headers=timing(start))
+            hits = await self.gate.run(lambda: self.hits(index, query_vector(self.encoder, [query]), top))
+        return JSONResponse(hits, headers=timing(start))
 
     async def search_image(self, request: Request) -> Response:
         index = self.need_index()
@@ -217,8 +217,9 @@ class Service:
             name, data = await self.upload(form)
             start = time.perf_counter()
             # One image query: its unit feature is the direction, as `query_vector` gives for one image.
-            direction = await self.gate.run(lambda: normalise_rows(self.encoder.encode_pixels(self.pixels(data, name)))[0])
-        return JSONResponse(self.hits(index, direction, top), headers=timing(start))
+            hits = await self.gate.run(
+                lambda: self.hits(index, normalise_rows(self.encoder.encode_pixels(self.pixels(data, name)))[0], top))
+        return JSONResponse(hits, headers=timing(start))
 
     def hits(self, index, direction, top: int) -> list[dict]:
         from ..index import search
