@@ -103,42 +103,43 @@ def bench_rows(run: Path, image: Path, which: str = "best", repeats: int = 30, a
 
 
 def bench_training(items, tokenizer, config, device, steps: int = 5, warmup: int = 2) -> dict:
-    """Training throughput of one config two ways, on the same real batches, in one process:
+    """Training throughput of one config two ways on the same real batches, in one process, through the very
+    step `miniclip train` runs (train.Trainee with the run's objectives, optim.make_optimizer,
+    train.global_batch_backward):
 
-    plain: fp32, eager, every caption padded to the full context (the reference way);
+    plain: fp32, eager, every caption padded to the full context;
     fast:  the config's precision (bf16 autocast where it is fast) and captions padded to the batch's
-           longest, as `miniclip train` runs; torch.compile when the config asks for it.
-    Also the data path's own rate (reading the image cache or decoding the files, cropping; pairs/s) and the
-    peak resident memory.
-    Step times are medians over `steps` timed steps after `warmup` untimed ones, each with a fresh model
-    from the same seed."""
+           longest, as `miniclip train` runs; torch.compile when the config asks for it (and then also
+           fast_eager, the same without compiling).
+    Each way trains its own model from the same seed. After `warmup` untimed steps each, the ways take turns
+    step by step, so that load from other processes on the machine hits them alike; step times are the
+    medians of the `steps` timed steps of each. Also the data path's own rate (reading the image cache or
+    decoding the files, cropping; pairs/s) and the peak resident memory (the fast way's after its warm-up,
+    before the others run, and the process's at the end)."""
     import resource
 
     import torch
 
+    from . import objectives
     from .data.cache import open_cache
+    from .data.feeding import Collate, batch_to_device, device_crops, pick_workers
     from .data.images import PairDataset
     from .device import autocast_dtype
     from .model import MiniCLIP
-    from .train import (
-        Collate,
-        batch_to_device,
-        device_crops,
-        global_batch_backward,
-        parameter_groups,
-        pick_workers,
-    )
+    from .optim import make_optimizer
+    from .train import Trainee, global_batch_backward, transform_views
 
     tc = config.train
     # As `miniclip train` reads them: from the decoded-image cache (built here if missing, before timing).
     cache = open_cache([item.image for item in items], config.model.image_size)[0] if tc.cache else None
+    contrastive, pieces = objectives.build(config)
     dataset = PairDataset(items, config.model.image_size, config.data.mean, config.data.std, tc.crop_scale,
-                          tc.captions, tc.seed, cache=cache, positives=tc.positives,
-                          device_crops=device_crops(config, device, cache is not None))
+                          tc.captions, tc.seed, cache=cache, device_crops=device_crops(config, device, cache is not None),
+                          extra_views=objectives.crop_scales(config, pieces)[1:])
     needed = (steps + warmup) * tc.batch_size
     if len(dataset) < needed:
         raise ConfigError(f"{len(dataset)} training pairs, but {steps + warmup} steps of batch {tc.batch_size} "
-                            f"need {needed}; lower --batch-size or --steps, or use more data")
+                          f"need {needed}; lower --batch-size or --steps, or use more data")
     loader = torch.utils.data.DataLoader(dataset, batch_size=tc.batch_size, shuffle=False,
                                          num_workers=pick_workers(config, device),
                                          collate_fn=list)  # raw samples: each way tokenises them itself
@@ -146,56 +147,78 @@ def bench_training(items, tokenizer, config, device, steps: int = 5, warmup: int
     raw = [batch for _, batch in zip(range(steps + warmup), loader)]
     data_seconds = time.perf_counter() - start
     context = config.model.context_length
-    collate = Collate(tokenizer, context)
+    collate = Collate(tokenizer, context, tuple(o.prepare for o in pieces))
 
-    def batches(pad_to: str):
+    def batches(pad_to: str) -> list[tuple]:
         out = []
-        for batch in raw:
-            images, ids, lengths, _, _ = collate(batch)
+        for step, batch in enumerate(raw):
+            images, ids, lengths, _, prepared = collate(batch)
             if pad_to == "max":
                 full = torch.full((len(ids), context), tokenizer.pad_id, dtype=ids.dtype)
                 full[:, : ids.shape[1]] = ids
                 ids = full
-            out.append(batch_to_device(images, ids, lengths, device, config))
+            images, ids, lengths = batch_to_device(images, ids, lengths, device, config)
+            images = transform_views(images, len(lengths), pieces, config, torch.Generator().manual_seed(step))
+            out.append((images, ids, lengths, [p.to(device) if torch.is_tensor(p) else p for p in prepared]))
         return out
 
-    def run(pad_to: str, amp, compiled: bool) -> dict:
-        torch.manual_seed(tc.seed)
-        model = MiniCLIP(config.model).to(device).train()
-        net = torch.compile(model) if compiled else model
-        optimizer = torch.optim.AdamW(parameter_groups(model, tc.weight_decay), lr=tc.lr)
+    class Way:
+        """One way of training: its own model, optimiser and batches, stepped one step at a time."""
 
-        def autocast():
-            return torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None)
+        def __init__(self, pad_to: str, amp, compiled: bool):
+            torch.manual_seed(tc.seed)
+            model = MiniCLIP(config.model).to(device)
+            self.trainee = Trainee(model, objectives.build(config)[1]).to(device).train()
+            self.net = torch.compile(self.trainee) if compiled else self.trainee
+            self.optimizer = make_optimizer([model, self.trainee.objectives], tc)
+            self.batches, self.amp, self.times = batches(pad_to), amp, []
+            self.result = {"compiled": compiled, "precision": str(amp or torch.float32).replace("torch.", ""),
+                           "text_padding": pad_to}
 
-        times = []
-        for i, micro_batch in enumerate(batches(pad_to)):
+        def autocast(self):
+            return torch.autocast(device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None)
+
+        def step(self, i: int) -> None:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             tick = time.perf_counter()
-            optimizer.zero_grad(set_to_none=True)
-            global_batch_backward(net, model, [micro_batch], 1, autocast, tc.positives, tc.loss)
-            optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            global_batch_backward(self.net, self.trainee, contrastive, [self.batches[i]], 1, self.autocast)
+            self.optimizer.step()
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            times.append(time.perf_counter() - tick)
-        median = statistics.median(times[warmup:])
-        result = {"pairs_per_s": tc.batch_size / median, "step_ms": 1000 * median, "compiled": compiled,
-                  "precision": str(amp or torch.float32).replace("torch.", ""), "text_padding": pad_to}
-        if compiled:  # the untimed first steps, less what they would have cost at the timed steps' pace
-            result["compile_seconds"] = sum(times[:warmup]) - warmup * median
-        return result
+            self.times.append(time.perf_counter() - tick)
 
-    # The fast way first, so the process's peak memory after it is the fast way's own.
-    fast = run("longest", autocast_dtype(device, tc.precision), tc.compile)
-    fast["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    plain = run("max", None, False)
-    plain["peak_rss_mb_process"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    extra = {}
+        def summary(self) -> dict:
+            median = statistics.median(self.times[warmup:])
+            result = {**self.result, "pairs_per_s": tc.batch_size / median, "step_ms": 1000 * median}
+            if self.result["compiled"]:  # the untimed first steps, less what they would have cost at this pace
+                result["compile_seconds"] = sum(self.times[:warmup]) - warmup * median
+            return result
+
+    fast_amp = autocast_dtype(device, tc.precision)
+    ways = {"fast": Way("longest", fast_amp, tc.compile)}
+    for i in range(warmup):  # the fast way warms up alone, so the peak memory after it is its own
+        ways["fast"].step(i)
+    fast_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    ways["plain"] = Way("max", None, False)
     if tc.compile:  # what compiling alone gives: the fast way again, eager
-        extra["fast_eager"] = run("longest", autocast_dtype(device, tc.precision), False)
-        extra["compile_speedup"] = fast["pairs_per_s"] / extra["fast_eager"]["pairs_per_s"]
-    return {**extra, "batch_size": tc.batch_size, "steps": steps, "device": str(device), "plain": plain, "fast": fast,
-            "speedup": fast["pairs_per_s"] / plain["pairs_per_s"],
+        ways["fast_eager"] = Way("longest", fast_amp, False)
+    for i in range(warmup):
+        for name, way in ways.items():
+            if name != "fast":
+                way.step(i)
+    for i in range(warmup, warmup + steps):
+        for way in ways.values():
+            way.step(i)
+    results = {name: way.summary() for name, way in ways.items()}
+    results["fast"]["peak_rss_mb"] = fast_peak
+    results["plain"]["peak_rss_mb_process"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    extra = {}
+    if tc.compile:
+        extra["compile_speedup"] = results["fast"]["pairs_per_s"] / results["fast_eager"]["pairs_per_s"]
+    return {**results, **extra, "batch_size": tc.batch_size, "steps": steps, "device": str(device),
+            "speedup": results["fast"]["pairs_per_s"] / results["plain"]["pairs_per_s"],
             "data_pairs_per_s": len(raw) * tc.batch_size / data_seconds, "data_source": "cache" if cache else "files",
+            "interleaved": True,
             "mean_caption_tokens": float(torch.cat([collate(b)[2] for b in raw]).float().mean())}

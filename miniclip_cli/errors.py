@@ -29,7 +29,14 @@ class CheckpointError(MiniclipError):
 
 
 class SaveError(CheckpointError):
-    """A run file that could not be written (disk full, folder removed); its previous version is unchanged."""
+    """A file that could not be written (disk full, folder removed, a planted link); its previous version is
+    unchanged."""
+
+
+class BusyError(MiniclipError):
+    """A folder another miniclip process holds (run_files.lock_folder); nothing was changed."""
+
+    exit_code = 9
 
 
 class DeviceError(MiniclipError):

@@ -18,7 +18,7 @@ import torch
 from .checkpoint import load_run
 from .errors import CheckpointError
 from .model import MiniCLIP
-from .run_files import TOKENIZER
+from .run_files import TOKENIZER, atomic_write
 from .runtime import METADATA, ONNX_DIR, ONNX_FILES, OnnxEncoder, TorchEncoder
 
 OPSET = 17
@@ -96,7 +96,7 @@ def export_run(run: Path, image_paths: list[Path], captions: list[str], which: s
     staging.mkdir(parents=True)
     try:
         _export_fp32(model, staging)
-        shutil.copyfile(run / TOKENIZER, staging / TOKENIZER)
+        atomic_write(staging / TOKENIZER, lambda tmp: shutil.copyfile(run / TOKENIZER, tmp))
         metadata = {
             "format": "miniclip-onnx/1", "source_checkpoint": which, "opset": OPSET,
             "image_size": config.model.image_size, "mean": list(config.data.mean), "std": list(config.data.std),
@@ -106,7 +106,7 @@ def export_run(run: Path, image_paths: list[Path], captions: list[str], which: s
                                                "tokens": "int64 batch x length, <start> ... <end> then <pad>",
                                                "lengths": "int64 batch, tokens up to and including <end>"},
         }
-        (staging / METADATA).write_text(json.dumps(metadata, indent=2), encoding="utf-8")
+        atomic_write(staging / METADATA, lambda tmp: tmp.write_text(json.dumps(metadata, indent=2), encoding="utf-8"))
         _quantise(staging)
 
         reference = TorchEncoder(model, tokenizer, config.data.mean, config.data.std, torch.device("cpu"), "fp32")
@@ -133,7 +133,7 @@ def export_run(run: Path, image_paths: list[Path], captions: list[str], which: s
                 raise CheckpointError(f"the int8 {tower} encoder keeps only {cosine:.3f} mean cosine to fp32 (needs "
                                       f"{INT8_MIN_MEAN_COSINE}); nothing was written, keep using the fp32 model")
         metadata["checks"] = checks
-        (staging / METADATA).write_text(json.dumps(metadata, indent=2), encoding="utf-8")
+        atomic_write(staging / METADATA, lambda tmp: tmp.write_text(json.dumps(metadata, indent=2), encoding="utf-8"))
         final = run / ONNX_DIR
         retired = run / f".{ONNX_DIR}-old"
         shutil.rmtree(retired, ignore_errors=True)

@@ -8,39 +8,27 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 
-def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
-              positives: int = 1) -> torch.Tensor:
-    """image_features: b d; text_features: (b k) d with k = `positives`, rows [i k, (i + 1) k) being image i's
-    captions; all unit length.
+def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """image_features, text_features: b d each, row i of both from pair i, unit length.
 
-    Mean of the cross-entropy picking each image's captions among the batch's captions and each caption's
-    image among the batch's images. With k > 1 every one of an image's captions is a positive of it, never a
-    negative: the image's target is spread evenly over its k captions (a multi-positive loss), so a batch
-    uses k captions per image at the cost of one image.
-    """
-    logits = logit_scale * image_features.float() @ text_features.float().T  # b (b k)
-    images = torch.arange(logits.shape[0], device=logits.device)
-    owner = images.repeat_interleave(positives)  # (b k): each caption's image
-    if positives == 1:
-        image_loss = F.cross_entropy(logits, images)
-    else:
-        image_loss = F.cross_entropy(logits, (owner[None, :] == images[:, None]).float() / positives)
-    return (image_loss + F.cross_entropy(logits.T, owner)) / 2
+    Mean of the cross-entropy picking each image's caption among the batch's captions and each caption's
+    image among the batch's images."""
+    logits = logit_scale * image_features.float() @ text_features.float().T  # b b
+    targets = torch.arange(logits.shape[0], device=logits.device)
+    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
 
 
 def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
-                logit_bias: torch.Tensor, positives: int = 1) -> torch.Tensor:
+                logit_bias: torch.Tensor) -> torch.Tensor:
     """The sigmoid pairwise loss of SigLIP (Zhai et al. 2023), shapes as in clip_loss.
 
     Every image-caption pair of the batch is its own binary question, "is this the image's caption?", with
     logit scale x cosine + bias; the sum of their log-sigmoid losses is divided by the number of images, as
     the paper does. Unlike the softmax a pair's loss does not depend on the rest of the batch, which the paper
-    found trains better than clip_loss at small batches. An image's k captions are all positives.
+    found trains better than clip_loss at small batches.
     """
-    logits = logit_scale * image_features.float() @ text_features.float().T + logit_bias  # b (b k)
-    images = torch.arange(logits.shape[0], device=logits.device)
-    owner = images.repeat_interleave(positives)  # (b k): each caption's image
-    signs = 2.0 * (owner[None, :] == images[:, None]) - 1.0  # +1 for an image's own captions, -1 elsewhere
+    logits = logit_scale * image_features.float() @ text_features.float().T + logit_bias  # b b
+    signs = 2.0 * torch.eye(logits.shape[0], device=logits.device) - 1.0  # +1 for a pair's own, -1 elsewhere
     return -F.logsigmoid(signs * logits).sum() / logits.shape[0]
 
 
@@ -88,23 +76,6 @@ def image_ssl_loss(first: torch.Tensor, second: torch.Tensor,
     logits = (views @ views.T / temperature).masked_fill(itself, float("-inf"))
     other = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(views.device)  # each view's other view
     return F.cross_entropy(logits, other)
-
-
-def next_word_loss(states: torch.Tensor, embedding: torch.Tensor, tokens: torch.Tensor,
-                   lengths: torch.Tensor) -> torch.Tensor:
-    """A language model's loss on the captions (train.caption_lm): states: b n w, each caption token's output
-    from the causal text tower (model.TextTransformer.states); embedding: vocab w, the tower's own token
-    embedding, reused as the output layer (tied, as in GPT-2), so the model gains no weights; tokens: b n;
-    lengths: b, as the tower takes them.
-
-    Each output up to the caption's last word guesses the token after it, the end token included, among the
-    whole vocabulary; the loss is the mean cross-entropy over those guesses (padding and the end token's own
-    output make none). The text tower then has to model the captions' language itself, not only whatever
-    tells a batch's captions apart."""
-    n = tokens.shape[1]
-    guessing = torch.arange(n - 1, device=tokens.device) < (lengths - 1)[:, None]  # b (n-1): has a next token
-    logits = states[:, :-1][guessing] @ embedding.T  # m vocab, m = sum(lengths - 1)
-    return F.cross_entropy(logits.float(), tokens[:, 1:][guessing])
 
 
 def gather_features(image_features: torch.Tensor, text_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,10 +16,15 @@ from tokenizers import (
     trainers,
 )
 
-from .errors import CheckpointError
+from .data.layouts import clean_caption
+from .errors import CheckpointError, ConfigError, SaveError
+from .run_files import atomic_write
 
 PAD, START, END = "<pad>", "<start>", "<end>"
 SPECIALS = [PAD, START, END]  # ids 0, 1, 2
+# At least the 256 byte tokens and the 3 specials. No caption set needs a million tokens, and far larger sizes
+# (10^8) have ended in an abort inside the Rust trainer.
+MIN_VOCAB, MAX_VOCAB = 260, 1_000_000
 
 
 def _encodable(text: str) -> str:
@@ -37,6 +42,12 @@ class Tokenizer:
         self.end_id = hf.token_to_id(END)
         if self.pad_id is None or self.end_id is None or hf.token_to_id(START) is None:
             raise CheckpointError("tokenizer lacks the <pad>/<start>/<end> tokens; retrain it with `miniclip train-tokenizer`")
+        # The model's embedding has vocab_size rows: an id past them (a crafted or damaged file) would fail
+        # there, far from its cause. Checking every id here means encode cannot return one.
+        largest = max(hf.get_vocab(with_added_tokens=True).values())
+        if largest >= self.vocab_size:
+            raise CheckpointError(f"token ids up to {largest} in a vocabulary of {self.vocab_size}; retrain the "
+                                  "tokenizer with `miniclip train-tokenizer` or restore it from a copy")
 
     @property
     def vocab_size(self) -> int:
@@ -76,8 +87,13 @@ class Tokenizer:
         return cls(HFTokenizer.from_str(text))
 
     def save(self, path: Path) -> None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self.hf.save(str(path))
+        """Write to_json to `path` atomically: a full disk leaves the previous file as it was."""
+        path = Path(path)
+        try:
+            atomic_write(path, lambda tmp: tmp.write_text(self.to_json(), encoding="utf-8"))
+        except OSError as exc:
+            raise SaveError(f"{path}: could not be written ({exc.strerror or exc}); the previous {path.name}, if "
+                            "any, is unchanged; free disk space or choose another --out") from None
 
     @classmethod
     def load(cls, path: Path) -> Tokenizer:
@@ -88,11 +104,17 @@ class Tokenizer:
             hf = HFTokenizer.from_file(str(path))
         except Exception as exc:  # tokenizers raises a bare Exception for any malformed file
             raise CheckpointError(f"{path}: not a valid tokenizer.json ({str(exc)[:80]}); retrain it with `miniclip train-tokenizer`") from None
-        return cls(hf)
+        try:
+            return cls(hf)
+        except CheckpointError as exc:
+            raise CheckpointError(f"{path}: {exc}") from None
 
 
 def train_tokenizer(captions: Iterable[str], vocab_size: int = 10_000, min_frequency: int = 2) -> Tokenizer:
     """Byte-level BPE over NFKC-normalised, lower-cased captions: any Unicode text encodes, none is <unk>."""
+    if not MIN_VOCAB <= vocab_size <= MAX_VOCAB:
+        raise ConfigError(f"vocab size {vocab_size:,} is out of range; use one between {MIN_VOCAB} and {MAX_VOCAB:,} "
+                          "(the 256 byte tokens and the specials at least)")
     hf = HFTokenizer(models.BPE())
     hf.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase(), normalizers.Strip()])
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
@@ -101,7 +123,8 @@ def train_tokenizer(captions: Iterable[str], vocab_size: int = 10_000, min_frequ
         vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIALS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
     )
-    hf.train_from_iterator(captions, trainer=trainer)
+    # Captions reach here from the caption-file layouts and shards, already clean; these are the last guard.
+    hf.train_from_iterator(map(clean_caption, captions), trainer=trainer)
     start, end = hf.token_to_id(START), hf.token_to_id(END)
     hf.post_processor = processors.TemplateProcessing(single=f"{START} $A {END}", special_tokens=[(START, start), (END, end)])
     return Tokenizer(hf)

@@ -59,7 +59,7 @@ def test_device_crops_match_loader_crops(tiny_dataset, tmp_path):
     from miniclip_cli.data.images import PairDataset
     from miniclip_cli.data.layouts import load_caption_set
     from miniclip_cli.tokenizer import train_tokenizer
-    from miniclip_cli.train import Collate
+    from miniclip_cli.data.feeding import Collate
 
     items = load_caption_set(tiny_dataset).items[:8]
     cache, _ = open_cache([item.image for item in items], 32, root=tmp_path / "cache")

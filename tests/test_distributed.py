@@ -35,7 +35,8 @@ from miniclip_cli.data.shards import (
 from miniclip_cli.errors import DataError
 from miniclip_cli.loss import clip_loss
 from miniclip_cli.tokenizer import Tokenizer, train_tokenizer
-from miniclip_cli.train import Callbacks, EpochSampler, fit, global_batch_backward
+from miniclip_cli.data.feeding import EpochSampler
+from miniclip_cli.train import Callbacks, fit, global_batch_backward
 
 from .conftest import run_cli
 
@@ -46,7 +47,7 @@ class StepLosses(Callbacks):
     def __init__(self):
         self.losses = []
 
-    def on_step(self, step, epoch, loss, pairs_per_s, lr):
+    def on_step(self, step, epoch, loss, pairs_per_s, lr, terms=None):
         self.losses.append(loss)
 
 
@@ -117,22 +118,24 @@ def _gradients(world_size: int, rank: int, accum_steps: int, image_ssl: bool = F
     image self-supervised loss, whose head's gradients are returned too."""
     from torch.nn.parallel import DistributedDataParallel
 
+    from miniclip_cli import objectives
     from miniclip_cli.model import MiniCLIP
-    from miniclip_cli.train import ImageSSLHead
+    from miniclip_cli.train import Trainee
 
     torch.manual_seed(0)
     model = MiniCLIP(tiny_model_config(50))
-    head = ImageSSLHead(model.config.embed_dim) if image_ssl else None
-    net = DistributedDataParallel(model) if world_size > 1 else model
-    head_net = DistributedDataParallel(head) if world_size > 1 and image_ssl else head
+    pieces = [objectives.ImageSSL(1.0, model.config.embed_dim)] if image_ssl else []
+    trainee = Trainee(model, pieces)
+    net = DistributedDataParallel(trainee) if world_size > 1 else trainee
     images, ids, lengths = _gradient_batch()
     second = torch.randn(images.shape, generator=torch.Generator().manual_seed(6))
     b = len(images) // (world_size * accum_steps)
     chunks = [slice((j * world_size + rank) * b, (j * world_size + rank + 1) * b) for j in range(accum_steps)]
     autocast = lambda: torch.autocast("cpu", enabled=False)
-    micro_batches = [(torch.cat([images[c], second[c]]) if image_ssl else images[c], ids[c], lengths[c]) for c in chunks]
-    global_batch_backward(net, model, micro_batches, world_size, autocast, image_ssl=float(image_ssl), head=head_net)
-    named = [*model.named_parameters(), *(head.named_parameters(prefix="head") if head else ())]
+    micro_batches = [(torch.cat([images[c], second[c]]) if image_ssl else images[c], ids[c], lengths[c],
+                      [None] * len(pieces)) for c in chunks]
+    global_batch_backward(net, trainee, objectives.Contrastive(), micro_batches, world_size, autocast)
+    named = [*model.named_parameters(), *(pieces[0].head.named_parameters(prefix="head") if pieces else ())]
     return {name: p.grad.clone() for name, p in named}
 
 
@@ -217,17 +220,21 @@ def test_accumulation_trains_like_the_whole_batch(tiny_dataset, tmp_path):
 def test_accumulated_gradient_equals_the_whole_batch_gradient():
     """The gradients themselves (Adam would hide a constant factor): K=2 micro-batches against one batch."""
     from miniclip_cli.model import MiniCLIP
+    from miniclip_cli.objectives import Contrastive
+    from miniclip_cli.train import Trainee
 
     torch.manual_seed(0)
     model = MiniCLIP(tiny_model_config(50))
+    trainee = Trainee(model, [])
     images, ids = torch.randn(8, 3, 32, 32), torch.randint(3, 50, (8, 6))
     lengths = torch.full((8,), 6)
     autocast = lambda: torch.autocast("cpu", enabled=False)
-    whole = global_batch_backward(model, model, [(images, ids, lengths)], 1, autocast)
+    whole = global_batch_backward(trainee, trainee, Contrastive(), [(images, ids, lengths, [])], 1,
+                                  autocast)["contrastive"]
     expected = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
-    halves = [(images[:4], ids[:4], lengths[:4]), (images[4:], ids[4:], lengths[4:])]
-    accumulated = global_batch_backward(model, model, halves, 1, autocast)
+    halves = [(images[:4], ids[:4], lengths[:4], []), (images[4:], ids[4:], lengths[4:], [])]
+    accumulated = global_batch_backward(trainee, trainee, Contrastive(), halves, 1, autocast)["contrastive"]
     assert abs(whole - accumulated) < 1e-6
     assert abs(whole - clip_loss(*model(images, ids, lengths)).item()) < 1e-6
     for name, p in model.named_parameters():

@@ -11,12 +11,14 @@ from safetensors.torch import load_file
 
 from miniclip_cli.config import RunConfig, apply_overrides
 from miniclip_cli.data.cache import open_cache
-from miniclip_cli.data.images import PairDataset, distort
+from miniclip_cli.data.feeding import Collate
+from miniclip_cli.data.images import PairDataset
+from miniclip_cli.data.transforms import distort
 from miniclip_cli.data.layouts import load_caption_set
 from miniclip_cli.errors import ConfigError
 from miniclip_cli.loss import image_ssl_loss
 from miniclip_cli.tokenizer import train_tokenizer
-from miniclip_cli.train import Collate
+from miniclip_cli.objectives import SECOND_VIEW_CROP_SCALE
 
 from .conftest import assert_resumes_exactly, json_of, run_cli
 
@@ -65,8 +67,8 @@ def test_second_view_leaves_the_training_crop_as_it_was(tiny_dataset, tmp_path):
     collate = Collate(tokenizer, 32)
     for device_crops in (False, True):
         batches = []
-        for views in (1, 2):
-            dataset = PairDataset(*common, cache=cache, device_crops=device_crops, views=views)
+        for extra_views in ((), (SECOND_VIEW_CROP_SCALE,)):
+            dataset = PairDataset(*common, cache=cache, device_crops=device_crops, extra_views=extra_views)
             images, ids, *_ = collate([dataset[i] for i in range(6)])
             batches.append((images.render(32, MEAN, STD) if device_crops else images, ids))
         (one, one_ids), (two, two_ids) = batches
@@ -87,8 +89,12 @@ def test_train_with_image_ssl_resumes_exactly_and_saves_the_model_alone(runner, 
     plain = json_of(run_cli(runner, *common, "--out", tmp_path / "plain"))
     ssl = ["--set", "train.image_ssl=1"]
     straight = json_of(run_cli(runner, *common, *ssl, "--out", tmp_path / "straight"))
-    # same seed and data: the loss reported is the contrastive one plus the (positive) image loss
+    # same seed and data: the loss reported is the contrastive one plus the (positive) image loss, each by name
     assert straight["last"]["train_loss"] > plain["last"]["train_loss"] + 0.1
+    last = straight["last"]
+    assert last["train_image_ssl"] > 0.1 and last["train_loss"] == pytest.approx(last["train_contrastive"] +
+                                                                                 last["train_image_ssl"])
+    assert "train_image_ssl" not in plain["last"]
     config = assert_resumes_exactly(runner, [*common, *ssl], tmp_path / "straight", tmp_path / "stopped")
     assert config.train.image_ssl == 1.0
     # the head trains alongside, is kept for --resume, and stays out of the model's weights
@@ -97,9 +103,9 @@ def test_train_with_image_ssl_resumes_exactly_and_saves_the_model_alone(runner, 
     assert not any("head" in k for k in load_file(str(tmp_path / "straight" / "last.safetensors")))
 
 
-def test_image_ssl_with_several_positives_and_accumulation(runner, tiny_dataset, tmp_path):
-    # b images and 2b captions per micro-batch, two micro-batches per step: the views split at b, not 2b.
+def test_image_ssl_with_accumulation(runner, tiny_dataset, tmp_path):
+    # b images, b second views and b captions per micro-batch, two micro-batches per step.
     result = json_of(run_cli(runner, "train", "--data", tiny_dataset, "--preset", "tiny", "--max-steps", 2,
                              "--batch-size", 4, "--accum-steps", 2, "--workers", 0, "--vocab-size", 300, "--json",
-                             "--set", "train.positives=2", "--set", "train.image_ssl=1", "--out", tmp_path / "run"))
+                             "--set", "train.image_ssl=1", "--out", tmp_path / "run"))
     assert result["steps"] == 2 and math.isfinite(result["last"]["train_loss"])

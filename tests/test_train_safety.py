@@ -11,7 +11,7 @@ import signal
 
 import pytest
 
-from miniclip_cli import checkpoint, train
+from miniclip_cli import checkpoint, objectives
 from miniclip_cli.tokenizer import Tokenizer, train_tokenizer
 
 from .conftest import assert_same_weights, run_cli
@@ -30,14 +30,14 @@ def _resume_counters(run):
 def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(runner, tiny_dataset, tmp_path,
                                                                               monkeypatch):
     run = tmp_path / "run"
-    real, calls = train.clip_loss, {"n": 0}
+    real, calls = objectives.clip_loss, {"n": 0}
 
     def diverging(*args, **kwargs):
         calls["n"] += 1
         value = real(*args, **kwargs)
         return value * float("nan") if calls["n"] >= 3 else value
 
-    monkeypatch.setattr(train, "clip_loss", diverging)
+    monkeypatch.setattr(objectives, "clip_loss", diverging)
     result = _train(runner, tiny_dataset, run, "--save-every", 1, code=8)
     assert "step 3" in result.output and "--lr" in result.output and "Traceback" not in result.output
     assert _resume_counters(run)["step"] == 2  # the checkpoint of the last finite step, not overwritten
@@ -165,3 +165,15 @@ def test_a_damaged_history_on_resume_is_one_line(runner, tiny_dataset, tmp_path)
     history.write_text(history.read_text()[:-7])
     result = run_cli(runner, "train", "--out", run, "--resume", "--max-steps", 4, code=4)
     assert "history.jsonl" in result.output and "Traceback" not in result.output
+
+
+def test_a_second_writer_of_a_run_folder_is_refused_naming_the_first(runner, tiny_dataset, tmp_path):
+    from miniclip_cli.run_files import lock_folder
+
+    run = tmp_path / "run"
+    with lock_folder(run, "train"):  # as a `miniclip train --out run` still running would hold it
+        for args in (["--data", tiny_dataset, "--out", run, *ARGS], ["--out", run, "--resume"]):
+            result = run_cli(runner, "train", *args, code=9)
+            assert f"PID {os.getpid()}" in result.output and "miniclip train" in result.output
+    assert not (run / "config.json").exists()
+    _train(runner, tiny_dataset, run, "--max-steps", 1)  # released: the folder is free again

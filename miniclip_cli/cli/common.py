@@ -12,6 +12,7 @@ from ..data import shapes
 from ..data.checks import drop_unusable_images, find_unusable_images, summarise
 from ..data.image_folder import ImageFolder
 from ..data.layouts import (
+    MAX_CAPTION_CHARS,
     CaptionSet,
     ImageCaptions,
     drop_missing_images,
@@ -40,6 +41,9 @@ def open_dataset(path: str | None, allow_outside: bool = False, quiet: bool = Fa
         what = ", ".join(part for part in (f"{empty} empty caption(s)" if empty else "",
                                            f"{malformed} malformed line(s)" if malformed else "") if part)
         warn(f"{caption_set.caption_file}: skipped {what}, e.g. " + "; ".join(caption_set.skipped_examples))
+    if caption_set.cut_captions:
+        warn(f"{caption_set.caption_file}: cut {caption_set.cut_captions} caption(s) over {MAX_CAPTION_CHARS:,} "
+             "characters to that length")
     return caption_set
 
 

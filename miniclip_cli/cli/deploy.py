@@ -10,6 +10,7 @@ import typer
 from ..config import RunConfig, load_run_config
 from ..errors import ConfigError, DataError, ThresholdError
 from ..evaluate import evaluate_retrieval, evaluate_zero_shot
+from ..run_files import lock_folder
 from ..runtime import ONNX_DIR, OnnxEncoder
 from ..ui import charts, tables
 from ..ui.console import info, out
@@ -93,7 +94,8 @@ def quantize_command(
     images, captions = _check_inputs(run, data, zero_shot, json_out)
     if not json_out:
         info(f"exporting {run} and checking on {len(images)} images and {len(captions)} captions ...")
-    report = export_run(run, images, captions, which)
+    with lock_folder(run, "quantize"):
+        report = export_run(run, images, captions, which)
     if data is not None or zero_shot is not None:
         prompts = list(templates or load_run_config(run).data.templates)
         folder = run / ONNX_DIR
@@ -187,7 +189,7 @@ def bench_train_command(
     data: Optional[str] = typer.Option(None, "--data", help="Dataset whose training images make the batches. Default: the built-in shapes."),
     batch_size: int = typer.Option(128, "--batch-size", help="Pairs per step."),
     steps: int = typer.Option(5, "--steps", help="Timed steps per way (after 2 untimed)."),
-    preset: str = typer.Option("default", "--preset", help="Model and recipe: default, reference or tiny."),
+    preset: str = typer.Option("default", "--preset", help="Model and recipe: default, shapes or tiny."),
     precision: str = typer.Option("auto", "--precision", help="The fast way's precision: auto, fp32 or bf16."),
     vocab_size: int = typer.Option(10_000, "--vocab-size", help="Vocabulary of the tokenizer trained for the run."),
     cache: bool = typer.Option(True, "--cache/--no-cache", help="Read images from the decoded-image cache, as train does."),

@@ -7,13 +7,13 @@ import os
 import shutil
 import signal
 import sys
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 from ..config import (
+    REMOVED_IN,
     DataConfig,
     RunConfig,
     apply_overrides,
@@ -22,7 +22,7 @@ from ..config import (
 )
 from ..data.shards import is_shard_spec, open_shards, shard_captions
 from ..errors import CheckpointError, ConfigError, DataError, SaveError
-from ..run_files import BEST, CONFIG, HISTORY, LAST, RESUME, TOKENIZER
+from ..run_files import BEST, CONFIG, HISTORY, LAST, RESUME, TOKENIZER, check_writable, lock_folder
 from ..tokenizer import Tokenizer, train_tokenizer
 from ..ui import charts
 from ..ui.console import err, info, only_rank_zero_speaks, out, warn
@@ -57,17 +57,6 @@ def _latest_run_folder(name: str) -> Path:
     if not runs:
         raise ConfigError(f"--resume: no resumable run for '{name}' under artifacts/runs; pass --out RUN_FOLDER")
     return max(runs, key=lambda p: (p / RESUME).stat().st_mtime)
-
-
-def _check_writable(run: Path) -> None:
-    try:
-        run.mkdir(parents=True, exist_ok=True)
-        # A new name made exclusively: a fixed one could be a planted symlink that redirects the write.
-        fd, probe = tempfile.mkstemp(dir=run, prefix=".write-test-")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        raise ConfigError(f"{run}: cannot write there ({exc.strerror}); choose another --out") from None
 
 
 RUN_FILES = (CONFIG, TOKENIZER, BEST, LAST, RESUME, HISTORY)
@@ -166,8 +155,8 @@ def train_command(
     cache: Optional[bool] = typer.Option(None, "--cache/--no-cache", help="Decode the training images once into the per-user cache (see `miniclip cache`; $MINICLIP_CACHE) and reuse them (the default)."),
     compile_model: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model: worth it on a GPU (about 2x, for tens of seconds of compiling); rarely on a CPU."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Data loader processes (per training process); -1 (the default) picks by device."),
-    preset: Optional[str] = typer.Option(None, "--preset", help="Model and recipe: default (9 M parameters), reference (temperature 0.07) or tiny (for smoke tests)."),
-    overrides: Optional[list[str]] = typer.Option(None, "--set", help="Change one config setting, SECTION.KEY=VALUE (see config.json); repeatable. E.g. --set train.positives=1 --set model.stem=linear."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="Model and recipe: default (9 M parameters), shapes (the built-in data's, the default without --data) or tiny (for smoke tests)."),
+    overrides: Optional[list[str]] = typer.Option(None, "--set", help="Change one config setting, SECTION.KEY=VALUE (see config.json); repeatable. E.g. --set train.ema=0.995 --set train.distill=1."),
     val_data: Optional[str] = typer.Option(None, "--val-data", help="Validate on this dataset's val split (for shards: the split `miniclip shard` left out)."),
     nproc: Optional[int] = typer.Option(None, "--nproc", help="Train as N processes on this machine (one per GPU): starts torchrun for you."),
     zero_shot: ZeroShot = None,
@@ -217,6 +206,13 @@ def train_command(
                     "--zero-shot": zero_shot, "--overwrite": overwrite or None}
     world, torch_device = distributed.setup(device)
     only_rank_zero_speaks(world.rank)
+    folder = contextlib.ExitStack()  # the run folder's lock, held by rank 0 from before it reads the folder
+
+    def claim(run: Path) -> None:
+        if world.is_main:
+            check_writable(run, "choose another --out")
+            folder.enter_context(lock_folder(run, "train"))
+
     try:
         if resume:
             given = [flag for flag, value in recipe_flags.items() if value is not None and flag != "--data"]
@@ -224,7 +220,12 @@ def train_command(
                 raise ConfigError(f"{', '.join(given)} would change the run being resumed; resume without "
                                   f"{'it' if len(given) == 1 else 'them'}, or start a new run with another --out")
             run = out_dir or _latest_run_folder(dataset_name(data))
+            claim(run)
             config = load_run_config(run)
+            if config.removed:
+                raise ConfigError(f"{run}: this run trained with {', '.join(config.removed)}, which miniclip no longer "
+                                  "has, so it cannot continue with the same recipe; evaluate or export it as it is, "
+                                  f"or continue it with the last version that has it (git checkout {REMOVED_IN})")
             tokenizer = load_run_tokenizer(run, config)
             if (run / RESUME).is_file():
                 counters, _ = read_resume_metadata(run)  # a bad resume file fails now, not after the dataset is read
@@ -252,6 +253,7 @@ def train_command(
             model_config, train_config = preset_configs(preset_name)
             # rank 0 names the folder: the others would see its config.json and pick the next free name.
             run = Path(distributed.broadcast_object(str(out_dir or _new_run_folder(dataset_name(data)))))
+            claim(run)
             if (run / CONFIG).exists():
                 if not overwrite:
                     raise ConfigError(f"{run} already holds a run; pass --resume to continue it, --overwrite to start "
@@ -265,8 +267,6 @@ def train_command(
                 if value is not None:
                     setattr(train_config, name, value)
             train_config.validate()
-        if world.is_main:
-            _check_writable(run)
 
         seed_for_split = config.train.seed if resume else train_config.seed
         allow_outside = resume and config.data.allow_outside_paths or allow_outside_paths
@@ -321,6 +321,7 @@ def train_command(
                 raise SaveError(f"{exc}, then continue with: miniclip train --out {run} --resume") from None
             raise
     finally:
+        folder.close()
         distributed.teardown()
     if not world.is_main:
         return

@@ -8,26 +8,21 @@ into training. PIL and the standard library only, so the ONNX runtime path can u
 from __future__ import annotations
 
 import os
-import warnings
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
-
 from ..errors import DataError
 from .layouts import ImageCaptions
+# MAX_PIXELS lives with the opener, which enforces it for every command; the check reports it.
+from .pixels import MAX_PIXELS, ImageError, open_image  # noqa: F401
 
-# Above any camera photo a caption dataset holds (a 48 MP phone photo passes) and below PIL's own guard
-# (a warning at 89 MP, an error at 179 MP). Decoding 50 MP takes 150 MB per loader process, for an image the
-# model sees at 128 px: a bigger one is a mistake or an attack, not a training example.
-MAX_PIXELS = 50_000_000
 # A 1x1 tracking pixel or a 4x4 placeholder holds nothing to learn from; at 8 px a side a crop still has detail.
 MIN_SIDE = 8
 # A complete JPEG ends on its end-of-image marker (FF D9). One that does not is cut short, or carries extra
 # bytes after the marker (some cameras append data); only those are decoded to tell which.
 JPEG_END = b"\xff\xd9"
-KINDS = ("missing", "not an image", "truncated", "too small", "too large", "unreadable")
+KINDS = ("missing", "not a regular file", "not an image", "truncated", "too small", "too large", "unreadable")
 
 
 def _jpeg_ends_cleanly(path: Path) -> bool:
@@ -41,48 +36,33 @@ def image_problem(path: str | Path) -> str | None:
     """Why the image at `path` cannot be used for training or evaluation, or None when it can.
 
     The answer starts with one of KINDS, then the detail:
-      not an image: zero bytes, text, or any header PIL does not recognise;
+      not a regular file: a FIFO, socket or device (a link to /dev/zero), never opened;
+      not an image: zero bytes, a folder, text, or a format outside pixels.FORMATS (EPS, PDF...);
       truncated:    a JPEG that does not end on its end marker and then fails to decode (decoded at 1/8 scale,
-                    only when the ending is wrong: ~1 ms for a 500x375 photo), a PNG whose chunks do not
-                    verify (CRCs, no decompression), or any other format that fails a full decode;
+                    only when the ending is wrong: ~1 ms for a 500x375 photo), one cut short and padded with
+                    zeros, a PNG whose chunks do not verify (CRCs, no decompression), or any other format that
+                    fails a full decode;
       too small:    shorter side below MIN_SIDE (8) px;
-      too large:    above MAX_PIXELS (50 megapixels), PIL's decompression-bomb limits included.
-    Headers only for a sound JPEG or PNG: Flickr8k's 7,000 images check in about a second.
+      too large:    above MAX_PIXELS (50 megapixels), from the header.
+    The file is opened by pixels.open_image, as every command opens it. Headers only for a sound JPEG or PNG:
+    Flickr8k's 7,000 images check in about a second.
     """
     path = Path(path)
     try:
-        # The size test below replaces PIL's bomb warning; its hard limit still raises and is reported.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                width, height = im.size
-                if width * height > MAX_PIXELS:
-                    return (f"too large ({width}x{height} = {width * height / 1e6:.0f} megapixels, "
-                            f"above the {MAX_PIXELS // 1_000_000}-megapixel limit)")
-                if min(width, height) < MIN_SIDE:
-                    return f"too small ({width}x{height} px, under {MIN_SIDE} px a side)"
-                if im.format == "JPEG":
-                    if not _jpeg_ends_cleanly(path):
-                        im.draft(None, (1, 1))  # decode at 1/8 scale: the whole stream is still read
-                        im.load()
-                elif im.format == "PNG":
-                    im.verify()
-                else:
+        with open_image(path) as im:
+            width, height = im.size
+            if min(width, height) < MIN_SIDE:
+                return f"too small ({width}x{height} px, under {MIN_SIDE} px a side)"
+            if im.format in ("JPEG", "MPO"):
+                if not _jpeg_ends_cleanly(path):
+                    im.draft(None, (1, 1))  # decode at 1/8 scale: the whole stream is still read
                     im.load()
-    except FileNotFoundError:
-        return "missing"
-    except IsADirectoryError:
-        return "not an image (a folder)"
-    except UnidentifiedImageError:
-        return "not an image (empty, text, or a format PIL cannot read)"
-    except Image.DecompressionBombError as exc:
-        return f"too large ({exc})"
-    # PIL's format plugins raise many types on damaged data (OSError, SyntaxError, struct.error, EOFError...);
-    # every one of them means this file cannot be used, which is what the caller needs to know.
-    except Exception as exc:
-        detail = str(exc) or type(exc).__name__
-        kind = "truncated" if "truncated" in detail.lower() or isinstance(exc, EOFError) else "unreadable"
-        return f"{kind} ({detail[:80]})"
+            elif im.format == "PNG":
+                im.verify()
+            else:
+                im.load()
+    except ImageError as exc:
+        return exc.problem
     return None
 
 

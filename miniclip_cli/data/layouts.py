@@ -15,6 +15,7 @@ import json
 import os
 import random
 import re
+import stat
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -45,6 +46,9 @@ _SEARCH: tuple[tuple[tuple[str, ...], str], ...] = (
     (("captions.csv", "captions.tsv", "captions.jsonl"), "captions.csv / .tsv / .jsonl"),
 )
 _ANY_TABLE = (".csv", ".tsv", ".jsonl")
+# COCO's caption JSON, the largest caption file in common use, is about 90 MB; a bigger one is something else,
+# and reading it would only fill the memory.
+MAX_CAPTION_FILE_BYTES = 2 * 1024**3
 _KNOWN_LAYOUTS = ", ".join(desc for _, desc in _SEARCH) + ", or one .csv/.tsv/.jsonl with image and caption columns"
 
 _SPLIT_ALIASES = {
@@ -58,6 +62,15 @@ _TOKEN_LINE = re.compile(r"^[^\t]+#\d+\t")
 _TOKEN_SPACED = re.compile(r"^(?P<image>\S+)#\d+\s+(?P<caption>.*)$")
 _CAPTION_NUMBER = re.compile(r"#\d+$")
 _MAX_EXAMPLES = 3
+_LINE_BREAKS = re.compile(r"\s*[\r\n]+\s*")  # inside a caption: a quoted multi-line field, a JSON "\n"
+# CLIP's captions are about 12 words, and the model reads 64 tokens at most; a longer caption is a scrape gone
+# wrong, and one long word of it makes tokenizer training quadratic. Cut, not skipped: the start is still a caption.
+MAX_CAPTION_CHARS = 1000
+# A quoted caption may run over this many lines (line breaks in a scraped caption); a quote that does not close
+# by then is a stray one, read as text, so that it cannot swallow the records after it.
+_MAX_RECORD_LINES = 5
+# A line that starts with an image file name and a delimiter opens a record; it is never inside a caption.
+_RECORD_START = re.compile(r"^\s*[^,\t\"]+\.(?:jpe?g|png|webp|gif|bmp|tiff?)\s*[,\t]", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -77,6 +90,7 @@ class CaptionSet:
     skipped_examples: list[str]  # at most 3, e.g. "line 17: no tab between image and caption"
     has_splits: bool
     empty_captions: int = 0  # how many of `skipped` were an image with an empty caption
+    cut_captions: int = 0  # captions over MAX_CAPTION_CHARS, cut to that length (not skipped)
 
 
 # ----------------------------------------------------------------------------------------------- parsing
@@ -101,6 +115,7 @@ class _Parsed:
         self.groups: dict[str, _Group] = {}
         self.skipped = 0
         self.empty_captions = 0
+        self.cut_captions = 0
         self.examples: list[str] = []
         self.split_coco: str | None = None  # e.g. "train2017", a folder name worth trying as image root
 
@@ -110,7 +125,10 @@ class _Parsed:
             self.examples.append(f"{where}: {why}")
 
     def add(self, image: str, caption: str, split: str | None, where: str) -> None:
-        image, caption = image.strip(), caption.strip()
+        image, caption = image.strip(), _one_line(caption)
+        if len(caption) > MAX_CAPTION_CHARS:
+            self.cut_captions += 1
+            caption = caption[:MAX_CAPTION_CHARS].rstrip()
         if not image:
             self.skip(where, "no image name")
             return
@@ -126,6 +144,19 @@ class _Parsed:
         elif group.split is None:
             group.split = split
         group.captions.append(caption)
+
+
+def _one_line(text: str) -> str:
+    """`text` stripped, its line breaks as spaces, and any lone surrogate (half an emoji, from a truncated
+    JSON "\\ud83d") as "?": the tokenizer cannot take one."""
+    if not text.isascii():
+        text = text.encode("utf-8", "replace").decode("utf-8")
+    return _LINE_BREAKS.sub(" ", text.strip())
+
+
+def clean_caption(text: str) -> str:
+    """A caption as every reader of captions hands it on: one line of valid Unicode, cut to MAX_CAPTION_CHARS."""
+    return _one_line(text)[:MAX_CAPTION_CHARS].rstrip()
 
 
 def _lines(text: str):
@@ -160,7 +191,7 @@ def _parse_token(text: str, parsed: _Parsed) -> None:
 
 
 def _records(text: str, is_header):
-    """("line N", line) for the non-blank lines, without the first one when is_header(it) says it is one."""
+    """(line number, line) for the non-blank lines, without the first one when is_header(it) says it is one."""
     first = True
     for number, line in _lines(text):
         if not line.strip():
@@ -169,11 +200,45 @@ def _records(text: str, is_header):
             first = False
             if is_header(line.strip().lower().replace(" ", "").replace('"', "")):
                 continue
-        yield f"line {number}", line
+        yield number, line
+
+
+def _strict_fields(text: str, delimiter: str) -> list[list[str]] | None:
+    try:
+        return list(csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True))
+    except csv.Error:
+        return None
+
+
+def _spanning_record(lines: list[str], index: int, delimiter: str, width: int) -> tuple[list[str], int] | None:
+    """(fields, lines taken) when line `index` opens a quoted field that closes within _MAX_RECORD_LINES lines
+    into exactly `width` fields, and none of the lines it takes starts like a record of its own; else None.
+
+    A caption may hold a line break inside quotes, but a stray quote must not swallow the lines after it."""
+    if '"' not in lines[index] or _strict_fields(lines[index], delimiter) is not None:
+        return None  # no quote, or one that closes on its own line
+    for end in range(index + 2, min(index + _MAX_RECORD_LINES, len(lines)) + 1):
+        if _RECORD_START.match(lines[end - 1]):
+            return None
+        rows = _strict_fields("\n".join(lines[index:end]), delimiter)
+        if rows is not None:
+            return (rows[0], end - index) if len(rows) == 1 and len(rows[0]) == width else None
+    return None
 
 
 def _parse_kaggle(text: str, parsed: _Parsed) -> None:
-    for where, line in _records(text, lambda header: header == "image,caption"):
+    lines = [line for _, line in _lines(text)]
+    taken_until = 0  # line number of the last line a multi-line caption took
+    for number, line in _records(text, lambda header: header == "image,caption"):
+        if number <= taken_until:
+            continue
+        where = f"line {number}"
+        spanning = _spanning_record(lines, number - 1, ",", 2)
+        if spanning is not None:
+            (image, caption), taken = spanning
+            taken_until = number + taken - 1
+            parsed.add(image, caption, None, where)
+            continue
         if "," not in line:
             parsed.skip(where, "no comma between image and caption")
             continue
@@ -191,7 +256,8 @@ def _parse_kaggle(text: str, parsed: _Parsed) -> None:
 
 
 def _parse_pipe(text: str, parsed: _Parsed) -> None:
-    for where, line in _records(text, lambda header: header.startswith("image_name|")):
+    for number, line in _records(text, lambda header: header.startswith("image_name|")):
+        where = f"line {number}"
         parts = line.split("|", 2)
         if len(parts) != 3:
             # The real results.csv has such a line: "2199200615.jpg| 4 A dog runs across the grass ."
@@ -212,49 +278,58 @@ def _find_column(names: list[str], keys: tuple[str, ...]) -> int | None:
 
 
 def _parse_delimited(text: str, parsed: _Parsed, delimiter: str) -> None:
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    kind = "TSV" if delimiter == "\t" else "CSV"
+    lines = [line for _, line in _lines(text)]
     header: list[str] | None = None
     image_col = caption_col = split_col = None
-    line_before = 0
-    try:
-        for row in reader:
-            where = f"line {line_before + 1}"
-            line_before = reader.line_num
-            if not any(cell.strip() for cell in row):
+    taken_until = 0  # index of the line after the last one a multi-line record took
+    for index, line in enumerate(lines):
+        if index < taken_until or not line.strip():
+            continue
+        where = f"line {index + 1}"
+        spanning = _spanning_record(lines, index, delimiter, len(header)) if header is not None else None
+        if spanning is not None:
+            row, taken = spanning
+            taken_until = index + taken
+        else:
+            try:
+                row = next(csv.reader([line], delimiter=delimiter, strict=True), [])
+            except csv.Error:
+                # A quote that does not close as csv rules want is text, as in the Kaggle layout.
+                try:
+                    row = next(csv.reader([line], delimiter=delimiter, quoting=csv.QUOTE_NONE), [])
+                except csv.Error as exc:
+                    raise DataError(f"{parsed.file}: {where}: cannot be read as {kind} ({exc}); "
+                                    "fix the quoting on that line") from None
+        if not any(cell.strip() for cell in row):
+            continue
+        if header is None:
+            header = [cell.strip().lower() for cell in row]
+            image_col = _find_column(header, IMAGE_KEYS)
+            caption_col = _find_column(header, CAPTION_KEYS)
+            split_col = _find_column(header, ("split",))
+            if image_col is not None and caption_col is not None:
                 continue
-            if header is None:
-                header = [cell.strip().lower() for cell in row]
-                image_col = _find_column(header, IMAGE_KEYS)
-                caption_col = _find_column(header, CAPTION_KEYS)
-                split_col = _find_column(header, ("split",))
-                if image_col is not None and caption_col is not None:
-                    continue
-                if delimiter == "\t" and len(row) == 2:
-                    # A bare two-column TSV: the first line is already data.
-                    header, image_col, caption_col, split_col = ["image", "caption"], 0, 1, None
-                else:
-                    kind = "TSV" if delimiter == "\t" else "CSV"
-                    raise DataError(
-                        f"{parsed.file}: the first line of this {kind} names no image column (one of: "
-                        f"{', '.join(IMAGE_KEYS)}) and caption column (one of: {', '.join(CAPTION_KEYS)}); "
-                        "add such a header line"
-                    )
-            assert image_col is not None and caption_col is not None
-            if len(row) <= max(image_col, caption_col):
-                parsed.skip(where, f"expected {len(header)} columns, found {len(row)}")
-                continue
-            if caption_col == len(header) - 1:
-                # An unquoted delimiter inside the last column (a caption with a comma) splits it; rejoin.
-                caption = delimiter.join(row[caption_col:])
+            if delimiter == "\t" and len(row) == 2:
+                # A bare two-column TSV: the first line is already data.
+                header, image_col, caption_col, split_col = ["image", "caption"], 0, 1, None
             else:
-                caption = row[caption_col]
-            split = _split_name(row[split_col]) if split_col is not None and split_col < len(row) else None
-            parsed.add(row[image_col], caption, split, where)
-    except csv.Error as exc:
-        raise DataError(
-            f"{parsed.file}: line {reader.line_num}: cannot be read as {'TSV' if delimiter == chr(9) else 'CSV'}"
-            f" ({exc}); fix the quoting on that line"
-        ) from None
+                raise DataError(
+                    f"{parsed.file}: the first line of this {kind} names no image column (one of: "
+                    f"{', '.join(IMAGE_KEYS)}) and caption column (one of: {', '.join(CAPTION_KEYS)}); "
+                    "add such a header line"
+                )
+        assert image_col is not None and caption_col is not None
+        if len(row) <= max(image_col, caption_col):
+            parsed.skip(where, f"expected {len(header)} columns, found {len(row)}")
+            continue
+        if caption_col == len(header) - 1:
+            # An unquoted delimiter inside the last column (a caption with a comma) splits it; rejoin.
+            caption = delimiter.join(row[caption_col:])
+        else:
+            caption = row[caption_col]
+        split = _split_name(row[split_col]) if split_col is not None and split_col < len(row) else None
+        parsed.add(row[image_col], caption, split, where)
 
 
 def _parse_jsonl(text: str, parsed: _Parsed) -> None:
@@ -352,7 +427,7 @@ def _parse_coco(data: dict, parsed: _Parsed) -> None:
 
 
 def _listing(folder: Path) -> list[tuple[int, str, Path]]:
-    """(depth, relative name, path) of the files in `folder` and in its immediate subfolders."""
+    """(depth, relative name, path) of the files (all but folders) in `folder` and in its immediate subfolders."""
     found: list[tuple[int, str, Path]] = []
     try:
         top = sorted(os.scandir(folder), key=lambda e: e.name)
@@ -361,12 +436,14 @@ def _listing(folder: Path) -> list[tuple[int, str, Path]]:
     for entry in top:
         if entry.name.startswith("."):
             continue  # macOS '._captions.txt' resource forks and other hidden files
+        # Not only regular files: a captions.txt that links to a device is found, and refused by _read_text
+        # with a reason, rather than reported as no caption file at all.
         try:
-            if entry.is_file():
+            if not entry.is_dir():
                 found.append((0, entry.name, Path(entry.path)))
-            elif entry.is_dir():
+            else:
                 for sub in sorted(os.scandir(entry.path), key=lambda e: e.name):
-                    if not sub.name.startswith(".") and sub.is_file():
+                    if not sub.name.startswith(".") and not sub.is_dir():
                         found.append((1, f"{entry.name}/{sub.name}", Path(sub.path)))
         except OSError:
             continue
@@ -397,10 +474,22 @@ def _find_caption_file(folder: Path) -> Path:
 
 
 def _read_text(file: Path) -> str:
+    """The text of a regular file of at most MAX_CAPTION_FILE_BYTES: a device (/dev/zero) or a pipe behind a
+    caption file's name would never end."""
     try:
-        raw = file.read_bytes()
+        # O_NONBLOCK: opening a named pipe would wait for a writer; a regular file ignores the flag.
+        fd = os.open(file, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+        with os.fdopen(fd, "rb") as handle:
+            info = os.fstat(handle.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                raise DataError(f"{file}: not a regular file (a device, pipe or socket); give the caption file itself")
+            raw = b"" if info.st_size > MAX_CAPTION_FILE_BYTES else handle.read(MAX_CAPTION_FILE_BYTES + 1)
     except OSError as exc:
         raise DataError(f"{file}: cannot be read ({exc.strerror or exc}); check its permissions") from None
+    size = max(info.st_size, len(raw))  # the read is bounded too, should the file grow meanwhile
+    if size > MAX_CAPTION_FILE_BYTES:
+        raise DataError(f"{file}: {size:,} bytes, over the {MAX_CAPTION_FILE_BYTES:,} a caption file may hold; "
+                        "check that this is the caption file")
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -518,8 +607,8 @@ def load_caption_set(path: str | Path, allow_outside: bool = False) -> CaptionSe
     given = Path(os.path.abspath(os.fspath(path)))
     if given.is_dir():
         file = _find_caption_file(given)
-    elif given.is_file():
-        file = given
+    elif given.exists():
+        file = given  # _read_text refuses what is not a regular file
     else:
         raise DataError(f"{given}: not found; give a dataset folder or a caption file")
 
@@ -561,6 +650,7 @@ def load_caption_set(path: str | Path, allow_outside: bool = False) -> CaptionSe
         skipped_examples=parsed.examples,
         has_splits=any(item.split for item in items),
         empty_captions=parsed.empty_captions,
+        cut_captions=parsed.cut_captions,
     )
 
 

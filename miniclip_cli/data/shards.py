@@ -24,7 +24,7 @@ from pathlib import Path
 
 from ..errors import ConfigError, DataError
 from ..run_files import atomic_write
-from .layouts import ImageCaptions
+from .layouts import ImageCaptions, clean_caption
 from .pixels import load_rgb
 
 MANIFEST = "manifest.json"
@@ -33,6 +33,9 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 JPEG_MAGIC = b"\xff\xd8\xff"
 JPEG_QUALITY = 95  # for images that were not JPEG: visually lossless, a third of the PNG's size on photos
 MAX_MEMBER_BYTES = 64 * 1024 * 1024  # a bigger member is no training image; it is skipped, not read
+MAX_CAPTION_BYTES = 1024 * 1024  # a sample's captions: hundreds of captions at layouts.MAX_CAPTION_CHARS
+# The least a sample can take in a tar: two members (an image, a caption), each at least a 512-byte header.
+MIN_SAMPLE_BYTES = 1024
 MAX_PATTERN_NAMES = 1_000_000
 _BRACE = re.compile(r"\{([^{}]*)\}")
 _RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
@@ -112,16 +115,37 @@ class ShardSet:
         return sum(s.captions if captions == "all" else s.samples for s in self.shards)
 
 
+_MANIFEST_FIX = (f"write the shards again with `miniclip shard`, or delete {MANIFEST} to have them counted from "
+                 "their contents")
+
+
 def _manifest_counts(folder: Path) -> dict[str, tuple[int, int]]:
     path = folder / MANIFEST
     if not path.is_file():
         return {}
+    refusal = f"{path}: not a shard manifest written by `miniclip shard`; {_MANIFEST_FIX}"
     try:
+        if path.stat().st_size > MAX_MEMBER_BYTES:
+            raise DataError(refusal)
         manifest = json.loads(path.read_text(encoding="utf-8"))
-        return {s["name"]: (int(s["samples"]), int(s["captions"])) for s in manifest["shards"]}
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
-        raise DataError(f"{path}: not a shard manifest written by `miniclip shard`; delete it to have the shards "
-                        "counted from their contents, or write the shards again") from None
+        counts = {s["name"]: (s["samples"], s["captions"]) for s in manifest["shards"]}
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError, KeyError, TypeError):
+        raise DataError(refusal) from None
+    for name, numbers in counts.items():
+        if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in numbers):
+            raise DataError(f"{path}: the counts of {str(name)[:60]!r} are not whole numbers of at least 0; "
+                            f"{_MANIFEST_FIX}")
+    return counts
+
+
+def _check_counts(path: Path, counts: tuple[int, int]) -> None:
+    """Refuse manifest counts that the shard's size cannot hold: an epoch of them would never end."""
+    size = path.stat().st_size
+    samples, captions = counts
+    # A caption takes at least a character and a separator of the caption member.
+    if samples > size // MIN_SAMPLE_BYTES or captions > size // 2:
+        raise DataError(f"{path.parent / MANIFEST}: lists {samples:,} samples and {captions:,} captions for "
+                        f"{path.name}, more than its {size:,} bytes can hold; {_MANIFEST_FIX}")
 
 
 def open_shards(spec: str) -> ShardSet:
@@ -146,6 +170,8 @@ def open_shards(spec: str) -> ShardSet:
         counts = manifests[path.parent].get(path.name)
         if counts is None:
             counts = _count(path)
+        else:
+            _check_counts(path, counts)
         shards.append(Shard(path.resolve(), *counts))
     if not sum(s.samples for s in shards):
         raise DataError(f"{spec}: the shards hold no samples (an image with a .json or .txt caption under one key)")
@@ -166,14 +192,14 @@ def _key_and_extension(name: str) -> tuple[str, str]:
 def _parse_captions(extension: str, data: bytes) -> list[str]:
     text = data.decode("utf-8")
     if extension == "txt":
-        return [text.strip()] if text.strip() else []
+        return [clean_caption(text)] if text.strip() else []
     value = json.loads(text)
     captions = value.get("captions", value.get("caption", value.get("text"))) if isinstance(value, dict) else value
     if isinstance(captions, str):
         captions = [captions]
     if not isinstance(captions, list):
         return []
-    return [c.strip() for c in captions if isinstance(c, str) and c.strip()]
+    return [clean_caption(c) for c in captions if isinstance(c, str) and c.strip()]
 
 
 def read_samples(path: Path, images: bool = True) -> Iterator[tuple[str, tuple[str, bytes] | None, list[str], str | None]]:
@@ -192,7 +218,7 @@ def read_samples(path: Path, images: bool = True) -> Iterator[tuple[str, tuple[s
                     yield _sample(path, key, files)
                     files = {}
                 key = member_key
-                if member.size > MAX_MEMBER_BYTES:
+                if member.size > (MAX_CAPTION_BYTES if extension in ("json", "txt") else MAX_MEMBER_BYTES):
                     files[extension] = None
                 elif extension in ("json", "txt") or (images and extension in IMAGE_EXTENSIONS):
                     files[extension] = tar.extractfile(member).read()
@@ -211,12 +237,18 @@ def _sample(path: Path, key: str, files: dict) -> tuple[str, tuple[str, bytes] |
         return key, None, [], f"{where}.{image[0]}: over {MAX_MEMBER_BYTES // 2**20} MB, skipped"
     captions, problem = [], None
     for extension in ("json", "txt"):
-        if files.get(extension) is not None:
-            try:
-                captions = _parse_captions(extension, files[extension])
-            except (UnicodeDecodeError, ValueError):
-                problem = f"{where}.{extension}: not UTF-8 {extension.upper()}, skipped"
+        if extension not in files:
+            continue
+        if files[extension] is None:
+            problem = f"{where}.{extension}: over {MAX_CAPTION_BYTES // 1024:,} KB of captions, skipped"
             break
+        try:
+            captions = _parse_captions(extension, files[extension])
+        except (UnicodeDecodeError, ValueError):
+            problem = f"{where}.{extension}: not UTF-8 {extension.upper()}, skipped"
+        except RecursionError:
+            problem = f"{where}.{extension}: JSON nested too deeply to be captions, skipped"
+        break
     if image is None:
         problem = f"{where}: no image (.jpg, .jpeg, .png or .webp), skipped"
     elif not captions and problem is None:

@@ -4,10 +4,11 @@ from rich.console import Console
 from rich.markup import escape
 
 # Messages are plain text: escape() keeps their brackets (pip install 'miniclip[distill]', crop_scale [0.3, 1.0],
-# a file named data[1].txt) from being read as Rich markup and dropped.
+# a file named data[1].txt) from being read as Rich markup and dropped. emoji=False keeps a path, caption or device
+# name holding ':smile:' as typed: Rich would print an emoji, in messages and in table cells alike.
 
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+out = Console(highlight=False, emoji=False)
+err = Console(stderr=True, highlight=False, emoji=False)
 _speaker = {"prefix": ""}
 
 

@@ -45,6 +45,9 @@ class TrainProgress:
         if info.get("cache_seconds") is not None:
             err.print(f"decoded the training images into the cache in {info['cache_seconds']:.1f} s; "
                       "later epochs and runs read them from it")
+        if info.get("cache"):
+            err.print(f"image cache: {info['cache']} (`miniclip cache` lists it, `miniclip cache --clear` removes it)",
+                      soft_wrap=True)
         processes, accum = info.get("processes", 1), info.get("accum_steps", 1)
         # Each process has its own device (cuda:LOCAL_RANK): name the kind.
         where = f"{processes} processes on {info['device'].split(':')[0]}" if processes > 1 else info["device"]
@@ -56,12 +59,13 @@ class TrainProgress:
                   f"{steps_per_epoch} steps per epoch, validating on {info['val_images']} images")
         self.task = self.progress.add_task("train", total=total_steps, completed=start_step, status="")
 
-    def on_step(self, step, epoch, loss, pairs_per_s, lr):
+    def on_step(self, step, epoch, loss, pairs_per_s, lr, terms=None):
         # An exponential average: single steps jitter with loader stalls.
         rate = pairs_per_s if self.smoothed_rate is None else 0.9 * self.smoothed_rate + 0.1 * pairs_per_s
         self.smoothed_rate = rate
+        parts = f" ({', '.join(f'{name} {value:.3f}' for name, value in terms.items())})" if len(terms or ()) > 1 else ""
         self.progress.update(self.task, completed=step, description=f"epoch {epoch + 1}",
-                             status=f"loss {loss:.3f}  {rate:,.0f} pairs/s")
+                             status=f"loss {loss:.3f}{parts}  {rate:,.0f} pairs/s")
 
     def on_validate(self, epoch):
         self.progress.update(self.task, status="validating...")
@@ -80,9 +84,14 @@ class TrainProgress:
         if self.cache_task is None:
             self.cache_task = self.progress.add_task("caching decoded images", total=total, status="")
         self.progress.update(self.cache_task, completed=done)
+        if done >= total:  # built: on_start's line says how long it took, and the bar would stay for the whole run
+            self.progress.remove_task(self.cache_task)
 
     def on_checkpoint(self, path: Path):
         pass
+
+    def on_notice(self, message: str):
+        warn(message)
 
     def on_replaced_sample(self, message: str, total: int):
         if total <= SHOWN_REPLACEMENTS:
