@@ -38,7 +38,7 @@ from ..runtime import Encoder, normalise_rows, open_encoder
 
 STATIC = Path(__file__).parent / "static"
 MIN_CAPTIONS, MAX_CAPTIONS = 2, 8  # the page offers two to eight boxes
-MAX_TEXT = 300  # characters in a caption or a query; the tokenizer keeps far fewer tokens anyway
+MAX_TEXT = 1000  # characters in a caption or a query, as `classify` allows; the tokenizer keeps far fewer tokens
 MAX_TOP = 100
 FORM_SLACK = 64 * 1024  # captions and multipart headers, on top of the image's size limit
 THUMB_PX, THUMB_CACHE = 320, 256  # 256 thumbnails of ~20 kB: the cache stays near 5 MB

@@ -51,7 +51,7 @@ function addCaption() {
   const boxes = $("captions");
   if (boxes.children.length >= MAX_CAPTIONS) return;
   const n = boxes.children.length;
-  const input = el("input", { type: "text", maxLength: 300, placeholder: EXAMPLES[n] || `caption ${n + 1}` });
+  const input = el("input", { type: "text", maxLength: 1000, placeholder: EXAMPLES[n] || `caption ${n + 1}` });
   input.addEventListener("input", schedule);
   const remove = el("button", { type: "button", className: "small", title: "remove this caption" }, "×");
   const row = el("div", {}, input, remove);
