@@ -92,6 +92,9 @@ def bench_rows(run: Path, image: Path, which: str = "best", repeats: int = 30, a
             result = {"row": row, "size_mb": _size_mb(run, row, which), **measure(encoder, image, repeats)}
             if accuracy is not None:
                 result["accuracy"] = accuracy(encoder)
+        except ModuleNotFoundError as exc:  # the PyTorch-free install
+            result = {"row": row, "error": f"needs {exc.name}, which this install lacks (`pip install .` in "
+                                          "miniclip's folder installs it)"}
         except (MiniclipError, ImportError, OSError) as exc:
             result = {"row": row, "error": str(exc)}
         rows.append(result)
@@ -131,7 +134,7 @@ def bench_training(items, tokenizer, config, device, steps: int = 5, warmup: int
 
     tc = config.train
     # As `miniclip train` reads them: from the decoded-image cache (built here if missing, before timing).
-    cache = open_cache([item.image for item in items], config.model.image_size)[0] if tc.cache else None
+    cache = open_cache([item.image for item in items], config.model.image_size)[0] if config.runtime.cache else None
     contrastive, pieces = objectives.build(config)
     dataset = PairDataset(items, config.model.image_size, config.data.mean, config.data.std, tc.crop_scale,
                           tc.captions, tc.seed, cache=cache, device_crops=device_crops(config, device, cache is not None),
@@ -196,13 +199,13 @@ def bench_training(items, tokenizer, config, device, steps: int = 5, warmup: int
                 result["compile_seconds"] = sum(self.times[:warmup]) - warmup * median
             return result
 
-    fast_amp = autocast_dtype(device, tc.precision)
-    ways = {"fast": Way("longest", fast_amp, tc.compile)}
+    fast_amp = autocast_dtype(device, config.runtime.precision)
+    ways = {"fast": Way("longest", fast_amp, config.runtime.compile)}
     for i in range(warmup):  # the fast way warms up alone, so the peak memory after it is its own
         ways["fast"].step(i)
     fast_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     ways["plain"] = Way("max", None, False)
-    if tc.compile:  # what compiling alone gives: the fast way again, eager
+    if config.runtime.compile:  # what compiling alone gives: the fast way again, eager
         ways["fast_eager"] = Way("longest", fast_amp, False)
     for i in range(warmup):
         for name, way in ways.items():
@@ -215,7 +218,7 @@ def bench_training(items, tokenizer, config, device, steps: int = 5, warmup: int
     results["fast"]["peak_rss_mb"] = fast_peak
     results["plain"]["peak_rss_mb_process"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     extra = {}
-    if tc.compile:
+    if config.runtime.compile:
         extra["compile_speedup"] = results["fast"]["pairs_per_s"] / results["fast_eager"]["pairs_per_s"]
     return {**results, **extra, "batch_size": tc.batch_size, "steps": steps, "device": str(device),
             "speedup": results["fast"]["pairs_per_s"] / results["plain"]["pairs_per_s"],

@@ -118,14 +118,7 @@ class TrainConfig:
     captions: str = "one"  # "one": one caption drawn per image each epoch; "all": every pair each epoch
     crop_scale: tuple[float, float] = (0.5, 1.0)  # random resized crop area range at training time
     seed: int = 0
-    precision: str = "auto"  # "auto" picks bf16 where the device runs it fast, "fp32", "bf16"
-    max_steps: int | None = None  # stop early after this many optimizer steps in all (for smoke runs)
-    val_images: int = 1000  # validation recall is computed on at most this many images each epoch
-    workers: int = -1  # data loader processes; -1 picks by device
-    cache: bool = True  # decode the training images once into the per-user image cache (data/cache.py)
     ema: float = 0.0  # decay of a moving average of the weights, validated and saved in their place; 0: none
-    augment: str = "auto"  # where crops are cut: "loader" (PIL), "device" (roi_align), "auto": device off CPU
-    compile: bool = False  # torch.compile the model: ~2x on a GPU, but its compile time outweighs short CPU runs
     # the contrastive objective (objectives.CONTRASTIVE): "clip", softmax InfoNCE; "siglip", sigmoid pairs
     loss: str = "clip"
     # The weights of the other objectives (objectives.OBJECTIVES), 0: off.
@@ -149,28 +142,43 @@ class TrainConfig:
             raise ConfigError(f"--captions must be 'one' or 'all', got {self.captions!r}")
         if not 0.0 <= self.ema < 1.0:
             raise ConfigError(f"train.ema is a decay in [0, 1), e.g. 0.995; got {self.ema}")
-        if self.augment not in ("auto", "loader", "device"):
-            raise ConfigError(f"augment must be auto, loader or device, got {self.augment!r}")
         if self.loss not in ("clip", "siglip"):
             raise ConfigError(f"train.loss must be clip or siglip, got {self.loss!r}")
         if not self.distill >= 0.0:
             raise ConfigError(f"train.distill is a loss weight, 0 or more (0: off, e.g. 1.0); got {self.distill}")
         if not self.image_ssl >= 0.0:
             raise ConfigError(f"train.image_ssl is a loss weight, 0 or more (0: off, e.g. 1.0); got {self.image_ssl}")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            raise ConfigError(f"--precision must be auto, fp32 or bf16, got {self.precision!r}")
         lo, hi = self.crop_scale
         if not 0 < lo <= hi <= 1:
             raise ConfigError(f"crop_scale must satisfy 0 < low <= high <= 1, got {self.crop_scale}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ConfigError(f"--max-steps must be at least 1, got {self.max_steps}")
         if not self.weight_decay >= 0:
             raise ConfigError(f"--weight-decay must be 0 or more, e.g. 0.2; got {self.weight_decay}")
         if not 0.0 <= self.warmup_fraction < 1.0:
             raise ConfigError(f"train.warmup_fraction must be in [0, 1), e.g. 0.05; got {self.warmup_fraction}")
+
+
+@dataclass
+class RuntimeConfig:
+    """How a run executes, not what it learns: a resumed run may change these."""
+
+    precision: str = "auto"  # "auto" picks bf16 where the device runs it fast, "fp32", "bf16"
+    max_steps: int | None = None  # stop after this many optimizer steps in all (resumable)
+    val_images: int = 1000  # validation recall is computed on at most this many images each epoch
+    workers: int = -1  # data loader processes; -1 picks by device
+    cache: bool = True  # decode the training images once into the per-user image cache (data/cache.py)
+    augment: str = "auto"  # where crops are cut: "loader" (PIL), "device" (roi_align), "auto": device off CPU
+    compile: bool = False  # torch.compile the model: ~2x on a GPU, but its compile time outweighs short CPU runs
+
+    def validate(self) -> None:
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ConfigError(f"--precision must be auto, fp32 or bf16, got {self.precision!r}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"--max-steps must be at least 1, got {self.max_steps}")
+        if self.augment not in ("auto", "loader", "device"):
+            raise ConfigError(f"runtime.augment must be auto, loader or device, got {self.augment!r}")
         if self.val_images < 0 or self.workers < -1:
-            raise ConfigError(f"train.val_images must be 0 or more and --workers -1 or more; got {self.val_images} "
-                              f"and {self.workers}")
+            raise ConfigError(f"runtime.val_images must be 0 or more and --workers -1 or more; got "
+                              f"{self.val_images} and {self.workers}")
 
 
 @dataclass
@@ -213,11 +221,13 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def validate(self) -> None:
         self.model.validate()
         self.train.validate()
         self.data.validate()
+        self.runtime.validate()
         if self.train.loss == "siglip" and self.model.init_logit_bias is None:
             raise ConfigError("train.loss=siglip learns a bias on the logits: add --set model.init_logit_bias=-10 "
                               "(SigLIP's starting value)")
@@ -229,14 +239,20 @@ class RunConfig:
     def from_dict(cls, raw: dict, source: str = "config") -> RunConfig:
         if not isinstance(raw, dict):
             raise ConfigError(f"{source}: expected a JSON object with model, train and data sections")
-        unknown = set(raw) - {"model", "train", "data"}
+        unknown = set(raw) - set(SECTIONS)
         if unknown:
-            raise ConfigError(f"{source}: unknown section(s) {sorted(unknown)}; expected model, train, data")
+            raise ConfigError(f"{source}: unknown section(s) {sorted(unknown)}; expected {', '.join(SECTIONS)}")
         parts, removed = {}, []
         # Settings added after runs had been saved: a config.json without them was trained the old way.
-        legacy = {"train": {"compile": False, "augment": "loader", "ema": 0.0}}
-        for name, klass in (("model", ModelConfig), ("train", TrainConfig), ("data", DataConfig)):
-            section = raw.get(name, {})
+        legacy = {"train": {"ema": 0.0}, "runtime": {"compile": False, "augment": "loader"}}
+        raw = {name: raw.get(name, {}) for name in SECTIONS}
+        if isinstance(raw["train"], dict) and isinstance(raw["runtime"], dict) and not raw["runtime"]:
+            # configs from before the runtime section kept its settings under train
+            runtime_keys = {f.name for f in dataclasses.fields(RuntimeConfig)}
+            raw["runtime"] = {k: v for k, v in raw["train"].items() if k in runtime_keys}
+            raw["train"] = {k: v for k, v in raw["train"].items() if k not in runtime_keys}
+        for name, klass in SECTIONS.items():
+            section = raw[name]
             if not isinstance(section, dict):
                 raise ConfigError(f"{source}: section '{name}' must be a JSON object")
             section = dict(section)
@@ -288,6 +304,9 @@ class RunConfig:
 MAX_CONFIG_BYTES = 1_000_000  # a real config.json is ~2 KB
 
 
+SECTIONS = {"model": ModelConfig, "train": TrainConfig, "data": DataConfig, "runtime": RuntimeConfig}
+
+
 def typed(value, hint):
     """`value` (as JSON gives it) as the type `hint` declares, or TypeError: JSON has no tuples, so lists become
     them (configs then compare equal after a round trip); a bool is not a number; numbers must be finite."""
@@ -325,7 +344,7 @@ def describe(hint, value=None) -> str:
 
 def example(klass, name: str) -> str:
     """`--set section.name=VALUE` with the setting's default as the value, or a typical one where it has none."""
-    section = {ModelConfig: "model", TrainConfig: "train", DataConfig: "data"}[klass]
+    section = {klass: name for name, klass in SECTIONS.items()}[klass]
     default = next(f for f in dataclasses.fields(klass) if f.name == name)
     value = default.default if default.default is not dataclasses.MISSING else default.default_factory()
     if value is None:
@@ -375,12 +394,12 @@ def apply_overrides(config: RunConfig, overrides: list[str]) -> RunConfig:
     where it parses (5, 0.1, true, [0.3, 1.0], none), else as text (conv). A value of the wrong type, an
     unknown key or an impossible value fails in one line naming the key, the value and an example."""
     raw = dataclasses.asdict(config)
-    classes = {"model": ModelConfig, "train": TrainConfig, "data": DataConfig}
+    classes = SECTIONS
     for item in overrides:
         key, equals, text = item.partition("=")
         section, dot, name = key.strip().partition(".")
         if not equals or not dot or section not in raw:
-            raise ConfigError(f"--set {item!r}: expected SECTION.KEY=VALUE with SECTION one of model, train, data, "
+            raise ConfigError(f"--set {item!r}: expected SECTION.KEY=VALUE with SECTION one of {', '.join(SECTIONS)}, "
                               "e.g. --set train.epochs=10 or --set train.loss=siglip")
         hints = typing.get_type_hints(classes[section])
         if name not in hints:

@@ -19,7 +19,7 @@ from .checkpoint import load_run
 from .errors import CheckpointError
 from .model import MiniCLIP
 from .run_files import TOKENIZER, atomic_write
-from .runtime import METADATA, ONNX_DIR, ONNX_FILES, OnnxEncoder, TorchEncoder
+from .runtime import METADATA, ONNX_DIR, ONNX_FILES, OnnxEncoder, TorchEncoder, check_features
 
 OPSET = 17
 # fp32 ONNX must reproduce PyTorch up to float rounding; int8 only approximately.
@@ -91,6 +91,12 @@ def export_run(run: Path, image_paths: list[Path], captions: list[str], which: s
     run = Path(run)
     model, config, tokenizer = load_run(run, which)
     model = model.float().eval()
+    # A model with broken weights is refused before exporting: the quantiser would fail on it with a bare assert.
+    reference = TorchEncoder(model, tokenizer, config.data.mean, config.data.std, torch.device("cpu"), "fp32")
+    pixels = reference.pixels(image_paths)
+    ids, lengths = tokenizer.encode(captions, config.model.context_length)
+    reference_outputs = (check_features(reference.encode_pixels(pixels), "images"),
+                         check_features(reference.encode_tokens(ids, lengths), "captions"))
     staging = run / f".{ONNX_DIR}-staging"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
@@ -102,19 +108,17 @@ def export_run(run: Path, image_paths: list[Path], captions: list[str], which: s
             "image_size": config.model.image_size, "mean": list(config.data.mean), "std": list(config.data.std),
             "context_length": config.model.context_length, "vocab_size": config.model.vocab_size,
             "embed_dim": config.model.embed_dim, "logit_scale": float(model.scale().detach()),
-            "tokenizer": TOKENIZER, "inputs": {"images": "float32 batch x 3 x size x size, normalised with mean/std",
-                                               "tokens": "int64 batch x length, <start> ... <end> then <pad>",
-                                               "lengths": "int64 batch, tokens up to and including <end>"},
+            "tokenizer": TOKENIZER, "templates": list(config.data.templates),
+            "inputs": {"images": "float32 batch x 3 x size x size, normalised with mean/std",
+                       "tokens": "int64 batch x length, <start> ... <end> then <pad>",
+                       "lengths": "int64 batch, tokens up to and including <end>"},
         }
         atomic_write(staging / METADATA, lambda tmp: tmp.write_text(json.dumps(metadata, indent=2), encoding="utf-8"))
         _quantise(staging)
 
-        reference = TorchEncoder(model, tokenizer, config.data.mean, config.data.std, torch.device("cpu"), "fp32")
         fp32, int8 = OnnxEncoder(staging, "fp32"), OnnxEncoder(staging, "int8")
-        pixels = reference.pixels(image_paths)
-        ids, lengths = tokenizer.encode(captions, config.model.context_length)
-        outputs = {name: (enc.encode_pixels(pixels), enc.encode_tokens(ids, lengths))
-                   for name, enc in (("torch", reference), ("fp32", fp32), ("int8", int8))}
+        outputs = {"torch": reference_outputs, **{name: (enc.encode_pixels(pixels), enc.encode_tokens(ids, lengths))
+                                                  for name, enc in (("fp32", fp32), ("int8", int8))}}
         checks = {
             "fp32_vs_torch": {"image": _compare(outputs["fp32"][0], outputs["torch"][0]),
                               "text": _compare(outputs["fp32"][1], outputs["torch"][1])},
@@ -122,14 +126,15 @@ def export_run(run: Path, image_paths: list[Path], captions: list[str], which: s
                              "text": _compare(outputs["int8"][1], outputs["fp32"][1])},
             "images": len(image_paths), "captions": len(captions),
         }
+        # Written as `not within`, so that a NaN, which compares false both ways, fails.
         for tower in ("image", "text"):
             diff = checks["fp32_vs_torch"][tower]["max_abs_diff"]
-            if diff > FP32_MAX_ABS_DIFF:
+            if not diff <= FP32_MAX_ABS_DIFF:
                 raise CheckpointError(f"{staging / ONNX_FILES['fp32'][0 if tower == 'image' else 1]}: the {tower} encoder "
                                       f"differs from PyTorch by {diff:.2e} (tolerance {FP32_MAX_ABS_DIFF}); nothing was "
                                       "written, please report this with --debug")
             cosine = checks["int8_vs_fp32"][tower]["mean_cosine"]
-            if cosine < INT8_MIN_MEAN_COSINE:
+            if not cosine >= INT8_MIN_MEAN_COSINE:
                 raise CheckpointError(f"the int8 {tower} encoder keeps only {cosine:.3f} mean cosine to fp32 (needs "
                                       f"{INT8_MIN_MEAN_COSINE}); nothing was written, keep using the fp32 model")
         metadata["checks"] = checks

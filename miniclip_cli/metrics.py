@@ -8,12 +8,22 @@ import numpy as np
 RECALL_KS = (1, 5, 10)
 
 
+def _finite(scores) -> np.ndarray:
+    """Non-finite scores (NaN, +-inf: a broken model) as -inf, so they rank last instead of first or nowhere."""
+    scores = np.asarray(scores, dtype=np.float32)
+    return np.where(np.isfinite(scores), scores, -np.inf)
+
+
 def _ranks(similarity: np.ndarray, correct: np.ndarray) -> np.ndarray:
-    """similarity: q c; correct: q c bool. 1-based rank of the best-placed correct candidate per query."""
-    # 1 + the number of candidates scoring strictly higher than the best correct one: ties count in the
-    # query's favour.
-    best_correct = np.where(correct, similarity, -np.inf).max(axis=1, keepdims=True)
-    return (similarity > best_correct).sum(axis=1) + 1
+    """similarity: q c; correct: q c bool. 1-based rank of the best-placed correct candidate per query.
+
+    Candidates are ordered by score, ties in index order, as a stable sort (and CLIP_benchmark's top-k) would:
+    ties in the query's favour would give a collapsed model, whose scores all tie, 100% recall."""
+    similarity = _finite(similarity)
+    best = np.where(correct, similarity, -np.inf).max(axis=1, keepdims=True)  # q 1
+    first = np.argmax(correct & (similarity == best), axis=1)[:, None]  # q 1: the first correct one scoring best
+    tied_before = (similarity == best) & (np.arange(similarity.shape[1])[None, :] < first)
+    return (similarity > best).sum(axis=1) + tied_before.sum(axis=1) + 1
 
 
 def retrieval_metrics(image_features, text_features, text_image) -> dict[str, float]:
@@ -39,14 +49,15 @@ def retrieval_metrics(image_features, text_features, text_image) -> dict[str, fl
     return out
 
 
-def match3_top1(similarity: np.ndarray, text_image: np.ndarray, seed: int = 0) -> float:
+def match3_top1(similarity: np.ndarray, text_image: np.ndarray, seed: int = 0) -> float | None:
     """The demo's task, in percent: each image against each of its own captions and two captions of other
-    images, drawn from `seed`; a hit when its own caption scores strictly highest.
+    images, drawn from `seed`; a hit when its own caption scores strictly highest (a tie is no pick, and a
+    non-finite score ranks last).
 
-    similarity: i t; text_image: t, the image index of each caption."""
-    text_image = np.asarray(text_image)
+    similarity: i t; text_image: t, the image index of each caption. None with a single image: no distractors."""
+    text_image, similarity = np.asarray(text_image), _finite(similarity)
     if len(np.unique(text_image)) < 2:
-        return float("nan")
+        return None
     rng = np.random.default_rng(seed)
     own = similarity[text_image, np.arange(len(text_image))]  # t: each caption with its own image
     hits = np.ones(len(text_image), dtype=bool)
@@ -62,7 +73,7 @@ def match3_top1(similarity: np.ndarray, text_image: np.ndarray, seed: int = 0) -
 
 def zero_shot_metrics(logits, labels, class_names: list[str]) -> dict:
     """logits: n c; labels: n. top1/top5/mean_per_class_recall in percent, plus a per-class recall dict."""
-    logits, labels = np.asarray(logits, dtype=np.float32), np.asarray(labels)
+    logits, labels = _finite(logits), np.asarray(labels)
     k = min(5, logits.shape[1])
     top = np.argsort(-logits, axis=1, kind="stable")[:, :k]  # n k
     hits = top == labels[:, None]

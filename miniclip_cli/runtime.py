@@ -7,6 +7,7 @@ tokenizers, pillow and numpy alone, for devices without PyTorch.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -15,16 +16,33 @@ import numpy as np
 
 from .data.pixels import eval_pixels
 from .errors import CheckpointError, ConfigError
+from .run_files import CONFIG, TOKENIZER
 from .tokenizer import Tokenizer
 
 Progress = Callable[[int, int], None]  # (done, total)
-BACKENDS = ("torch", "onnx", "onnx-fp32")  # "onnx" is the int8 deployment model
+BACKENDS = ("auto", "torch", "onnx", "onnx-fp32")  # "onnx" is the int8 deployment model
 ONNX_DIR, METADATA = "onnx", "metadata.json"
 ONNX_FILES = {"fp32": ("image.fp32.onnx", "text.fp32.onnx"), "int8": ("image.int8.onnx", "text.int8.onnx")}
 
 
 def normalise_rows(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+BROKEN_FIX = "its weights are broken: retrain, e.g. with a lower --lr"
+
+
+def check_features(features: np.ndarray, what: str, distinct: bool = False) -> np.ndarray:
+    """`features` (n d, one row per `what`: "images", "captions"), refused when a result from them could not
+    be right: any non-finite value, or with `distinct`, every row the same (a collapsed model)."""
+    broken = int((~np.isfinite(features)).any(axis=-1).sum())
+    if broken:
+        raise CheckpointError(f"the model gives non-finite features for {broken} of {len(features)} {what}; {BROKEN_FIX}")
+    # Features are unit length, so 1e-6 is float rounding, not a difference the model made.
+    if distinct and len(features) > 1 and np.ptp(features, axis=0).max() <= 1e-6:
+        raise CheckpointError(f"the model gives the same feature for all {len(features)} {what}: it has collapsed "
+                              "and any score would be chance; retrain, e.g. with a lower --lr or more data")
+    return features
 
 
 class Encoder:
@@ -38,6 +56,7 @@ class Encoder:
     context_length: int
     logit_scale: float
     tokenizer: Tokenizer
+    backend: str  # as --backend names it
 
     def encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
         raise NotImplementedError
@@ -73,17 +92,21 @@ class Encoder:
                             ) -> list[float]:
         """caption_probabilities for one image already decoded to pixels (1 3 s s), e.g. an upload;
         text_features: encode_texts(captions) when the caller kept it from an earlier call."""
-        image_features = self.encode_pixels(pixels)
+        image_features = check_features(self.encode_pixels(pixels), "images")
         if text_features is None:
             text_features = self.encode_texts(captions)
-        logits = self.logit_scale * image_features @ text_features.T  # 1 c
+        logits = self.logit_scale * image_features @ check_features(text_features, "captions").T  # 1 c
         logits = logits[0] - logits[0].max()
         probabilities = np.exp(logits) / np.exp(logits).sum()
+        if not np.isfinite(probabilities).all():
+            raise CheckpointError(f"the model's logit scale {self.logit_scale} gives non-finite probabilities; {BROKEN_FIX}")
         return probabilities.astype(float).tolist()
 
 
 class TorchEncoder(Encoder):
     """A MiniCLIP model in PyTorch (torch is imported only when one is made)."""
+
+    backend = "torch"
 
     def __init__(self, model, tokenizer: Tokenizer, mean, std, device=None, precision: str = "fp32"):
         import torch
@@ -134,31 +157,86 @@ def onnx_session(path: Path, threads: int = 0):
                               "re-export with `miniclip quantize`") from None
 
 
+# Bounds far beyond any model this toolkit trains: past them a crafted metadata.json would make the runtime
+# allocate absurd buffers before any check of the graphs could fail.
+METADATA_MAX_BYTES = 1_000_000
+METADATA_INTS = {"image_size": 4096, "context_length": 4096, "embed_dim": 65536, "vocab_size": 10_000_000}
+
+
+def _quantize_hint(folder: Path) -> str:
+    """How to rebuild an export: from its run when the folder is RUN/onnx, else from the run it was copied from."""
+    if folder.name == ONNX_DIR and (folder.parent / CONFIG).is_file():
+        return f"`miniclip quantize {folder.parent}`"
+    return "`miniclip quantize RUN` on the run folder it was exported from"
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _metadata_fault(meta) -> str | None:
+    """What is wrong with a parsed metadata.json, or None."""
+    if not isinstance(meta, dict):
+        return "not a JSON object"
+    for key, most in METADATA_INTS.items():
+        value = meta.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
+            return f"{key} must be a whole number from 1 to {most}, got {value!r:.40}"
+    for key in ("mean", "std"):
+        value = meta.get(key)
+        if not isinstance(value, list) or len(value) != 3 or not all(_is_number(v) for v in value):
+            return f"{key} must be 3 finite numbers (one per colour channel), got {value!r:.60}"
+    if not all(v > 0 for v in meta["std"]):
+        return f"std must be positive (the pixels are divided by it), got {meta['std']}"
+    if not _is_number(meta.get("logit_scale")) or meta["logit_scale"] <= 0:
+        return f"logit_scale must be a finite positive number, got {meta.get('logit_scale')!r:.40}"
+    templates = meta.get("templates", [])
+    if not isinstance(templates, list) or not all(isinstance(t, str) and "{}" in t for t in templates):
+        return f"templates must be a list of prompts with {{}} for the class name, got {templates!r:.60}"
+    name = meta.get("tokenizer", TOKENIZER)
+    # A plain file name only: a crafted export must not make the runtime read files outside its folder.
+    if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name or "\\" in name:
+        return f"tokenizer must be a file name inside the export's folder, such as tokenizer.json, got {name!r:.60}"
+    return None
+
+
+def read_metadata(folder: Path) -> dict:
+    """The checked metadata.json of an exported model folder."""
+    path = folder / METADATA
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing; export the run first with `miniclip quantize {folder.parent}`")
+    if path.stat().st_size > METADATA_MAX_BYTES:
+        fault = f"{path.stat().st_size} bytes, where an export writes a few thousand"
+    else:
+        try:
+            fault = _metadata_fault(meta := json.loads(path.read_text(encoding="utf-8")))
+        except (ValueError, RecursionError) as exc:  # not JSON, not UTF-8, or nested past the recursion limit
+            fault = f"not readable JSON ({str(exc)[:60] or type(exc).__name__})"
+    if fault:
+        raise CheckpointError(f"{path}: {fault}; re-export with {_quantize_hint(folder)}")
+    return meta
+
+
 class OnnxEncoder(Encoder):
     """The exported encoders in `RUN/onnx/`: image.{fp32,int8}.onnx, text.*.onnx, metadata.json, tokenizer.json."""
 
     def __init__(self, folder: Path, precision: str = "int8", threads: int = 0):
         folder = Path(folder)
-        meta_path = folder / METADATA
-        if not meta_path.is_file():
-            raise CheckpointError(f"{meta_path}: missing; export the run first with `miniclip quantize {folder.parent}`")
-        try:
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
-            self.image_size, self.context_length = int(meta["image_size"]), int(meta["context_length"])
-            self.mean, self.std = tuple(meta["mean"]), tuple(meta["std"])
-            self.logit_scale, self.embed_dim = float(meta["logit_scale"]), int(meta["embed_dim"])
-            vocab_size = int(meta["vocab_size"])
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-            raise CheckpointError(f"{meta_path}: unreadable metadata ({exc}); re-export with `miniclip quantize`") from None
-        self.tokenizer = Tokenizer.load(folder / meta.get("tokenizer", "tokenizer.json"))
-        if self.tokenizer.vocab_size != vocab_size:
-            raise CheckpointError(f"{folder / 'tokenizer.json'}: {self.tokenizer.vocab_size} tokens but metadata says "
-                                  f"{vocab_size}; re-export with `miniclip quantize`")
+        meta = read_metadata(folder)
+        self.backend = "onnx" if precision == "int8" else "onnx-fp32"
+        self.templates = tuple(meta.get("templates", ()))  # the run's zero-shot prompts; older exports lack them
+        self.image_size, self.context_length, self.embed_dim = meta["image_size"], meta["context_length"], meta["embed_dim"]
+        self.mean, self.std, self.logit_scale = tuple(meta["mean"]), tuple(meta["std"]), float(meta["logit_scale"])
+        tokenizer_path = folder / meta.get("tokenizer", TOKENIZER)
+        self.tokenizer = Tokenizer.load(tokenizer_path)
+        if self.tokenizer.vocab_size != meta["vocab_size"]:
+            raise CheckpointError(f"{tokenizer_path}: {self.tokenizer.vocab_size} tokens but metadata says "
+                                  f"{meta['vocab_size']}; re-export with {_quantize_hint(folder)}")
         image_file, text_file = ONNX_FILES[precision]
         self.files = (folder / image_file, folder / text_file)
         for path in self.files:
             if not path.is_file():
-                raise CheckpointError(f"{path}: missing; re-export with `miniclip quantize {folder.parent}`")
+                raise CheckpointError(f"{path}: missing; re-export with {_quantize_hint(folder)}")
         self.image_session, self.text_session = onnx_session(self.files[0], threads), onnx_session(self.files[1], threads)
         self._check_shapes()
 
@@ -177,16 +255,36 @@ class OnnxEncoder(Encoder):
         return self.text_session.run(None, {"tokens": ids, "lengths": lengths})[0]
 
 
-def open_encoder(run: str | Path, backend: str = "torch", which: str = "best", device: str = "auto",
+def is_export(folder: str | Path) -> bool:
+    """Whether `folder` is an exported model (RUN/onnx, or a copy of it) rather than a run folder."""
+    return (Path(folder).expanduser() / METADATA).is_file()
+
+
+def check_run_folder(run: str | Path) -> Path:
+    run = Path(run).expanduser()
+    if not run.is_dir():
+        raise CheckpointError(f"{run}: no such run folder; pass the --out folder of `miniclip train`")
+    return run
+
+
+def open_encoder(run: str | Path, backend: str = "auto", which: str = "best", device: str = "auto",
                  precision: str = "fp32") -> Encoder:
-    """The encoder for a run folder. backend "torch" loads the safetensors weights; "onnx" (int8) and
-    "onnx-fp32" load RUN/onnx/ without importing PyTorch."""
+    """The encoder for a run folder or an exported one. backend "torch" loads the run's safetensors weights;
+    "onnx" (int8) and "onnx-fp32" load RUN/onnx/ without importing PyTorch; "auto" is "onnx" for an exported
+    folder (copied to a device on its own), else "torch"."""
     if backend not in BACKENDS:
         raise ConfigError(f"--backend {backend!r} is not known; use one of: {', '.join(BACKENDS)}")
     if which not in ("best", "last"):
         raise ConfigError(f"--checkpoint must be best or last, got {which!r}")
-    if backend != "torch":
-        return OnnxEncoder(Path(run).expanduser() / ONNX_DIR, "int8" if backend == "onnx" else "fp32")
+    run = Path(run).expanduser()
+    if is_export(run):
+        if backend == "torch":
+            raise CheckpointError(f"{run}: is an exported ONNX model, without PyTorch weights: those are in the run "
+                                  "folder it was exported from; pass that folder, or use --backend onnx")
+        return OnnxEncoder(run, "fp32" if backend == "onnx-fp32" else "int8")
+    check_run_folder(run)
+    if backend in ("onnx", "onnx-fp32"):
+        return OnnxEncoder(run / ONNX_DIR, "int8" if backend == "onnx" else "fp32")
     from .checkpoint import load_run
     from .device import pick_device
 

@@ -176,9 +176,10 @@ def fit(config: RunConfig, tokenizer: Tokenizer, train_items: list[ImageCaptions
     steps_per_epoch = data.steps_per_epoch
     total_steps = tc.epochs * steps_per_epoch
     warmup = max(1, int(tc.warmup_fraction * total_steps))
-    val_items = val_items[: tc.val_images]
-    amp_dtype = autocast_dtype(device, tc.precision)
-    stop_at = min(total_steps, tc.max_steps) if tc.max_steps else total_steps
+    runtime = config.runtime
+    val_items = val_items[: runtime.val_images]
+    amp_dtype = autocast_dtype(device, runtime.precision)
+    stop_at = min(total_steps, runtime.max_steps) if runtime.max_steps else total_steps
     trained_on = {"data": data_fingerprint(train_items), "config": recipe(config)}
 
     def autocast():
@@ -212,14 +213,14 @@ def fit(config: RunConfig, tokenizer: Tokenizer, train_items: list[ImageCaptions
         return step > 0 and ends and (not history or history[-1]["step"] < step)
 
     if step >= stop_at and not epoch_pending():
-        limit = (f"its limit of {tc.max_steps} steps (--max-steps)" if stop_at < total_steps
+        limit = (f"its limit of {runtime.max_steps} steps (--max-steps)" if stop_at < total_steps
                  else f"its {tc.epochs} epochs")
         raise ConfigError(f"{run}: the run has reached {limit}; to train it further, resume with a higher "
                           "--max-steps or --epochs")
     net = trainee
     if world.world_size > 1:
         net = DistributedDataParallel(trainee, device_ids=[device.index] if device.type == "cuda" else None)
-    if tc.compile:
+    if runtime.compile:
         # The forward with gradients only (DDP wrapped first, as PyTorch's DDP notes ask); captions padded to
         # each batch's longest give a few sequence lengths, which dynamic shapes absorb after one recompile.
         net = torch.compile(net)
@@ -248,7 +249,7 @@ def fit(config: RunConfig, tokenizer: Tokenizer, train_items: list[ImageCaptions
             if val_items:
                 callbacks.on_validate(math.ceil(step / steps_per_epoch))
                 kept.eval()
-                encoder = TorchEncoder(kept, tokenizer, config.data.mean, config.data.std, device, tc.precision)
+                encoder = TorchEncoder(kept, tokenizer, config.data.mean, config.data.std, device, runtime.precision)
                 metrics = evaluate_retrieval(encoder, val_items)
                 record.update({f"val_{k}": v for k, v in metrics.items() if k not in ("images", "captions")})
             checkpoint.save_weights(run / checkpoint.LAST, kept, tokenizer_hash)
@@ -360,16 +361,15 @@ def sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
-# Settings that change how a run executes, not what it learns: a resume may change them.
-RUNTIME = {"train": {"epochs", "max_steps", "workers", "cache", "compile", "precision", "augment", "val_images"},
-           "data": {"zero_shot", "templates"}}
+# Beside the runtime section: the settings a resume may change (a new limit) or that evaluation alone reads.
+RESUMABLE = {"train": {"epochs"}, "data": {"zero_shot", "templates"}}
 
 
 def recipe(config: RunConfig) -> dict:
     """The settings a resumed run must share with the run it continues, as JSON values."""
     raw = json.loads(config.to_json())
-    return {section: {k: v for k, v in values.items() if k not in RUNTIME.get(section, ())}
-            for section, values in raw.items()}
+    return {section: {k: v for k, v in values.items() if k not in RESUMABLE.get(section, ())}
+            for section, values in raw.items() if section != "runtime"}
 
 
 def data_fingerprint(train_items: list[ImageCaptions] | ShardSet) -> dict:

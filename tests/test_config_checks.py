@@ -17,7 +17,7 @@ from miniclip_cli.errors import CheckpointError, ConfigError
     ("train.crop_scale=0.5", "two numbers"),
     ("train.lr=nan", "a finite number"),
     ("model.vision_layers=2.5", "a whole number"),
-    ("train.cache=maybe", "true or false"),
+    ("runtime.cache=maybe", "true or false"),
 ])
 def test_set_with_a_value_of_the_wrong_type_is_one_line(item, expected):
     with pytest.raises(ConfigError) as caught:
@@ -29,11 +29,11 @@ def test_set_with_a_value_of_the_wrong_type_is_one_line(item, expected):
 
 
 def test_set_values_take_their_types():
-    config = apply_overrides(RunConfig(), ["train.lr=1e-3", "model.vision_layers=2", "train.cache=false",
-                                           "train.crop_scale=[0.3, 1]", "train.max_steps=none",
+    config = apply_overrides(RunConfig(), ["train.lr=1e-3", "model.vision_layers=2", "runtime.cache=false",
+                                           "train.crop_scale=[0.3, 1]", "runtime.max_steps=none",
                                            "data.templates=[\"a {}\", \"the {}\"]", "train.captions=all"])
-    assert config.train.lr == 1e-3 and config.model.vision_layers == 2 and config.train.cache is False
-    assert config.train.crop_scale == (0.3, 1.0) and config.train.max_steps is None
+    assert config.train.lr == 1e-3 and config.model.vision_layers == 2 and config.runtime.cache is False
+    assert config.train.crop_scale == (0.3, 1.0) and config.runtime.max_steps is None
     assert config.data.templates == ("a {}", "the {}") and config.train.captions == "all"
 
 

@@ -137,7 +137,8 @@ def test_training_without_pytorch_says_what_to_install(tmp_path):
               f"app(['train', '--out', {str(tmp_path / 'run')!r}])\n")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 6, result.stderr
-    assert "needs torch" in result.stderr and "pip install miniclip" in result.stderr
+    assert "needs torch" in result.stderr and "`pip install .` in miniclip's source folder" in result.stderr
+    assert "pip install torch torchvision" in result.stderr
     assert "Traceback" not in result.stderr
 
 
@@ -148,7 +149,8 @@ def test_bench_train_json_schema(runner, tiny_dataset):
     assert payload["fast"]["text_padding"] == "longest"
     for way in ("plain", "fast"):
         assert payload[way]["pairs_per_s"] > 0 and payload[way]["step_ms"] > 0
-    assert payload["speedup"] == pytest.approx(payload["fast"]["pairs_per_s"] / payload["plain"]["pairs_per_s"])
+    # JSON rounds to 4 decimals: the ratio of the rounded rates agrees to about 1e-4
+    assert payload["speedup"] == pytest.approx(payload["fast"]["pairs_per_s"] / payload["plain"]["pairs_per_s"], abs=1e-3)
     assert payload["data_pairs_per_s"] > 0 and payload["fast"]["peak_rss_mb"] > 0
 
 

@@ -23,7 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from miniclip_cli import distributed
-from miniclip_cli.config import RunConfig, TrainConfig, tiny_model_config
+from miniclip_cli.config import RunConfig, RuntimeConfig, TrainConfig, tiny_model_config
 from miniclip_cli.data.images import ShardDataset
 from miniclip_cli.data.layouts import ImageCaptions, load_caption_set, select_split
 from miniclip_cli.data.shards import (
@@ -59,8 +59,8 @@ def _config(tokenizer: Tokenizer, batch_size: int, accum_steps: int = 1) -> RunC
     # The default learning rate: Adam turns float rounding in a near-zero gradient into a step of up to
     # lr x rounding / eps, so a higher one would compare rounding noise rather than the training.
     return RunConfig(model=tiny_model_config(tokenizer.vocab_size),
-                     train=TrainConfig(epochs=1, batch_size=batch_size, accum_steps=accum_steps,
-                                       workers=0, precision="fp32"))
+                     train=TrainConfig(epochs=1, batch_size=batch_size, accum_steps=accum_steps),
+                     runtime=RuntimeConfig(workers=0, precision="fp32"))
 
 
 def _tokenizer(items) -> Tokenizer:
@@ -375,11 +375,11 @@ def test_shard_training_resumes_mid_epoch_where_it_stopped(tiny_dataset, tmp_pat
     shard_set = open_shards(str(tmp_path / "shards"))
     tokenizer = _tokenizer(items)
     config = _config(tokenizer, 4)
-    config.train.workers = 2  # 7 steps; the 2 loader processes take turns, and the resumed loader starts with the other
+    config.runtime.workers = 2  # 7 steps; the 2 loader processes take turns, and the resumed loader starts with the other
     _single(config, tokenizer, shard_set, tmp_path / "straight")
-    config.train.max_steps = 3
+    config.runtime.max_steps = 3
     _single(config, tokenizer, shard_set, tmp_path / "stopped")
-    config.train.max_steps = None
+    config.runtime.max_steps = None
     fit(config, tokenizer, shard_set, [], tmp_path / "stopped", torch.device("cpu"), resume=True)
     assert _max_difference(tmp_path / "straight", tmp_path / "stopped") < TOLERANCE
 
@@ -397,7 +397,7 @@ def test_torchrun_trains_and_only_rank_zero_writes(runner, tiny_dataset, tmp_pat
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stderr.count("training on 2 processes on cpu") == 1, done.stderr  # rank 1 said nothing
     assert done.stdout.count("saved to") == 1
-    assert sorted(p.name for p in run.iterdir()) == ["best.safetensors", "config.json", "history.jsonl",
+    assert sorted(p.name for p in run.iterdir()) == [".lock", "best.safetensors", "config.json", "history.jsonl",
                                                     "last.safetensors", "resume.safetensors", "tokenizer.json"]
     assert [json.loads(line)["step"] for line in (run / "history.jsonl").read_text().splitlines()] == [2]
     assert list(tmp_path.iterdir()) == [run]  # nothing written anywhere else (rank 1 named no folder of its own)

@@ -23,7 +23,7 @@ from safetensors import safe_open
 
 from miniclip_cli import checkpoint
 from miniclip_cli.checkpoint import load_run
-from miniclip_cli.config import RunConfig, TrainConfig, tiny_model_config
+from miniclip_cli.config import RunConfig, RuntimeConfig, TrainConfig, tiny_model_config
 from miniclip_cli.data.checks import MAX_PIXELS, MIN_SIDE, drop_unusable_images, image_problem
 from miniclip_cli.data.images import PairDataset
 from miniclip_cli.data.layouts import ImageCaptions
@@ -153,7 +153,7 @@ def test_training_survives_an_image_that_breaks_mid_run(tmp_path, tiny_dataset):
     items.append(ImageCaptions(truncated_jpeg(tmp_path / "broken.jpg"), ("broken",), None))
     tokenizer = train_tokenizer([c for i in items for c in i.captions] * 3, 280)
     config = RunConfig(model=tiny_model_config(tokenizer.vocab_size),
-                       train=TrainConfig(epochs=2, batch_size=4, workers=0, precision="fp32"))
+                       train=TrainConfig(epochs=2, batch_size=4), runtime=RuntimeConfig(workers=0, precision="fp32"))
 
     class Record(Callbacks):
         def __init__(self):

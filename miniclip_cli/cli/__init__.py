@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+from importlib import metadata
 
 import typer
 
@@ -22,8 +23,25 @@ TRAINING_PACKAGES = {"torch", "torchvision", "safetensors", "onnx"}
 _debug = {"on": os.environ.get("MINICLIP_DEBUG", "") not in ("", "0")}
 
 
+def version() -> str:
+    try:
+        return metadata.version("miniclip")
+    except metadata.PackageNotFoundError:  # run from a source folder that was never installed
+        from .. import __version__
+
+        return __version__
+
+
+def _print_version(asked: bool) -> None:
+    if asked:
+        print(f"miniclip {version()}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks (or set MINICLIP_DEBUG=1).")):
+def _root(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks (or set MINICLIP_DEBUG=1)."),
+          _version: bool = typer.Option(False, "--version", help="Print miniclip's version and exit.",
+                                        is_eager=True, callback=_print_version)):
     if debug:
         _debug["on"] = True
 
@@ -50,8 +68,9 @@ def command(name: str):
             except ModuleNotFoundError as missing:
                 if _debug["on"] or missing.name not in TRAINING_PACKAGES:
                     raise
-                error(f"`miniclip {name}` needs {missing.name}, which this PyTorch-free install lacks; "
-                      "`pip install miniclip` installs it (`--backend onnx` runs without it)")
+                error(f"`miniclip {name}` needs {missing.name}, which this PyTorch-free install lacks; run `pip install .` "
+                      "in miniclip's source folder for the full install (for PyTorch alone: `pip install torch "
+                      "torchvision`), or use `--backend onnx`, which runs without it")
                 raise typer.Exit(6) from None
 
         app.command(name)(run)

@@ -113,9 +113,9 @@ def classify_command(
         None, help="Image files, folders (their images, not their sub-folders') or quoted glob patterns "
                    "('photos/*.jpg', 'photos/**/*.jpg'). Omit for the interactive loop.", show_default=False),
     captions: Optional[List[str]] = typer.Option(None, "--caption", "-c", help="A candidate caption; give two or more."),
-    model_dir: Path = typer.Option(..., "--model", "-m", help="A run folder written by `miniclip train`."),
+    model_dir: Path = typer.Option(..., "--model", "-m", help="A run folder written by `miniclip train`, or an exported RUN/onnx folder."),
     which: Checkpoint = "best",
-    backend: Backend = "torch",
+    backend: Backend = "auto",
     device: Device = "auto",
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object per image, one per line."),
 ):

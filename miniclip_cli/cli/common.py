@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import numbers
 from pathlib import Path
 from typing import Annotated, List, Optional
 
@@ -20,7 +22,7 @@ from ..data.layouts import (
     select_split,
 )
 from ..data.shards import is_shard_spec
-from ..errors import DataError
+from ..errors import CheckpointError, DataError
 from ..ui.console import info, warn
 
 BUILTIN_NAME = "shapes"
@@ -76,9 +78,30 @@ def scan_folder(root: str | Path) -> ImageFolder:
     return folder
 
 
+JSON_DECIMALS = 4
+
+
+def _json_ready(value, where: str):
+    """`value` with its floats rounded to JSON_DECIMALS (69.39999999999999 -> 69.4), or to as many significant
+    digits when smaller than 1e-3, so that a parity difference of 3e-7 does not read as 0. NaN or infinity
+    is refused: it cannot be a right result, and JSON has no way to write it."""
+    if isinstance(value, dict):
+        return {key: _json_ready(v, f"{where}.{key}" if where else str(key)) for key, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral):
+        value = float(value)
+        if not math.isfinite(value):
+            raise CheckpointError(f"the result's {where} is {value}, which cannot be right; nothing was printed: the "
+                                  "model's weights are broken, retrain, e.g. with a lower --lr")
+        return round(value, JSON_DECIMALS) if abs(value) >= 1e-3 else float(f"{value:.{JSON_DECIMALS}g}")
+    return value
+
+
 def print_json(payload: dict) -> None:
+    text = json.dumps(_json_ready(payload, ""), default=str, allow_nan=False)
     # Plain print: Rich would wrap long lines and break the JSON.
-    print(json.dumps(payload, default=str))
+    print(text)
 
 
 def dataset_name(path: str | None) -> str:
@@ -107,7 +130,7 @@ def run_dataset(config) -> str | None:
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")]
 Checkpoint = Annotated[str, typer.Option("--checkpoint", help="best or last.")]
 Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or mps.")]
-Backend = Annotated[str, typer.Option("--backend", help="torch, onnx (the int8 export, no PyTorch needed) or onnx-fp32.")]
+Backend = Annotated[str, typer.Option("--backend", help="auto (onnx for an exported onnx/ folder, else torch), torch, onnx (the int8 export, no PyTorch needed) or onnx-fp32.")]
 Split = Annotated[str, typer.Option("--split", help="train, val, test or all.")]
 ZeroShot = Annotated[Optional[Path], typer.Option("--zero-shot", help="Image folder CLASS/IMAGE for zero-shot classification.")]
 Templates = Annotated[Optional[List[str]], typer.Option("--template", help="Prompt with {} for the class name; repeat to average several. Default: the run's.")]

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
-from ..config import RunConfig, load_run_config
+from ..config import RunConfig, RuntimeConfig, load_run_config
 from ..errors import ConfigError, DataError, ThresholdError
 from ..evaluate import evaluate_retrieval, evaluate_zero_shot
 from ..run_files import lock_folder
-from ..runtime import ONNX_DIR, OnnxEncoder
+from ..runtime import ONNX_DIR, OnnxEncoder, check_run_folder
 from ..ui import charts, tables
 from ..ui.console import info, out
 from . import command
@@ -91,6 +92,7 @@ def quantize_command(
     """
     from ..export import export_run
 
+    check_run_folder(run)
     images, captions = _check_inputs(run, data, zero_shot, json_out)
     if not json_out:
         info(f"exporting {run} and checking on {len(images)} images and {len(captions)} captions ...")
@@ -121,6 +123,8 @@ def _parse_floors(specs: list[str]) -> dict[str, float]:
             floors[name.strip()] = float(value)
         except ValueError:
             raise ConfigError(f"--min-metric {spec!r}: expected NAME=VALUE, e.g. top1=30 or image_to_text_R@5=20") from None
+        if not math.isfinite(floors[name.strip()]):  # every comparison with NaN is false: the floor would pass all
+            raise ConfigError(f"--min-metric {spec!r}: the floor must be a finite number, e.g. top1=30")
     return floors
 
 
@@ -150,6 +154,9 @@ def bench_command(
     """
     from ..bench import bench_rows, cpu_info
 
+    check_run_folder(run)
+    if repeats < 1:
+        raise ConfigError(f"--repeats must be at least 1, got {repeats}")
     floors = _parse_floors(min_metric or [])
     if image is None:
         image = _check_inputs(run, data, zero_shot, quiet=True)[0][0]
@@ -173,6 +180,8 @@ def bench_command(
     else:
         for table in tables.bench_tables(rows, machine):
             out.print(table)
+        for line in tables.bench_unavailable(rows):
+            out.print(line, style="dim", markup=False, soft_wrap=True)
         ok = [r for r in rows if "error" not in r]
         out.print(charts.value_bars([r["row"] for r in ok], [r["size_mb"] for r in ok], "file size (MB)"))
         out.print(charts.value_bars([r["row"] for r in ok], [r["demo_ms"]["median_ms"] for r in ok],
@@ -218,9 +227,9 @@ def bench_train_command(
     items = split_items(open_dataset(data, quiet=json_out), "train")
     tokenizer = train_tokenizer((c for item in items for c in item.captions), vocab_size)
     model_config.vocab_size = tokenizer.vocab_size
-    train_config.batch_size, train_config.precision, train_config.cache = batch_size, precision, cache
-    train_config.compile = compile_model
-    config = RunConfig(model=model_config, train=train_config)
+    train_config.batch_size = batch_size
+    config = RunConfig(model=model_config, train=train_config,
+                       runtime=RuntimeConfig(precision=precision, cache=cache, compile=compile_model))
     config.validate()
     torch_device = pick_device(device)
     if not json_out:

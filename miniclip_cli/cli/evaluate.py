@@ -8,12 +8,12 @@ from typing import Optional
 
 import typer
 
-from ..config import load_run_config
+from ..config import DataConfig, load_run_config
 from ..data import shapes
 from ..data.image_folder import ImageFolder
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from ..evaluate import evaluate_retrieval, evaluate_zero_shot
-from ..runtime import open_encoder
+from ..runtime import is_export, open_encoder
 from ..ui import tables
 from ..ui.console import out
 from ..ui.progress import CountProgress
@@ -35,13 +35,26 @@ from .common import (
 )
 
 
-def held_out_summary(folder: ImageFolder, metrics: dict) -> dict:
-    """When the folder lists classes kept out of training (held_out.json, as the built-in data does),
-    their accuracy next to chance and to the classes seen in training."""
+def held_out_classes(folder: ImageFolder) -> set[str] | None:
+    """The classes the folder's held_out.json says were kept out of training (as the built-in data does), or
+    None without one. Read before any image is encoded, so that a bad file fails at once."""
     listing = folder.root / "held_out.json"
     if not listing.is_file():
+        return None
+    try:
+        held = json.loads(listing.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError):  # not JSON, not UTF-8, or nested past Python's recursion limit
+        held = None
+    if not isinstance(held, list) or not all(isinstance(name, str) for name in held):
+        raise DataError(f'{listing}: must hold a JSON list of class names, e.g. ["red circle", "blue square"]; '
+                        "fix it, or remove it to skip the held-out summary")
+    return set(held)
+
+
+def held_out_summary(folder: ImageFolder, held: set[str] | None, metrics: dict) -> dict:
+    """The held-out classes' accuracy next to chance and to the classes seen in training."""
+    if held is None:
         return {}
-    held = set(json.loads(listing.read_text(encoding="utf-8")))
     per_class = metrics["per_class"]
     held_scores = [v for k, v in per_class.items() if k in held]
     seen_scores = [v for k, v in per_class.items() if k not in held]
@@ -51,13 +64,13 @@ def held_out_summary(folder: ImageFolder, metrics: dict) -> dict:
 
 @command("eval")
 def eval_command(
-    run: Path = typer.Argument(..., help="A run folder written by `miniclip train`."),
+    run: Path = typer.Argument(..., help="A run folder written by `miniclip train`, or an exported RUN/onnx folder."),
     data: Optional[str] = typer.Option(None, "--data", help="Caption dataset for retrieval. Default: the run's own dataset."),
     split: Split = "test",
     zero_shot: ZeroShot = None,
     templates: Templates = None,
     which: Checkpoint = "best",
-    backend: Backend = "torch",
+    backend: Backend = "auto",
     device: Device = "auto",
     precision: str = typer.Option("auto", "--precision", help="PyTorch backend: auto, fp32 or bf16."),
     allow_outside_paths: AllowOutside = False,
@@ -78,7 +91,10 @@ def eval_command(
         if "{}" not in template:
             raise ConfigError(f"--template {template!r} has no {{}} where the class name goes; e.g. 'a photo of a {{}}.'")
     encoder = open_encoder(run, backend, which, device, precision)
-    config = load_run_config(run)
+    config = None if is_export(run) else load_run_config(run)
+    if config is None and data is None and zero_shot is None:
+        raise ConfigError(f"{run}: an exported model has no dataset of its own to evaluate on; pass --data DATASET "
+                          "or --zero-shot FOLDER")
     if data is None and zero_shot is None:
         data_path, zero_shot_path = run_dataset(config), config.data.zero_shot
         if data_path is None and zero_shot_path is None:
@@ -86,7 +102,7 @@ def eval_command(
         do_retrieval = True
     else:
         data_path, zero_shot_path, do_retrieval = data, zero_shot, data is not None
-    result: dict = {"run": str(run), "checkpoint": which, "backend": backend}
+    result: dict = {"run": str(run), "checkpoint": which, "backend": encoder.backend}
 
     if do_retrieval:
         caption_set = open_dataset(data_path, allow_outside=allow_outside_paths, quiet=json_out)
@@ -99,14 +115,18 @@ def eval_command(
 
     if zero_shot_path is not None:
         folder = scan_folder(zero_shot_path)
-        prompts = list(templates or config.data.templates)
+        held = held_out_classes(folder)
+        run_templates = config.data.templates if config else encoder.templates
+        prompts = list(templates or run_templates or DataConfig.templates)
         with CountProgress("encoding zero-shot images") as progress:
             metrics = evaluate_zero_shot(encoder, folder, prompts, progress=progress)
-        metrics.update(held_out_summary(folder, metrics))
+        metrics.update(held_out_summary(folder, held, metrics))
         metrics["zero_shot_images"] = metrics.pop("images")
         result.update(zero_shot=str(folder.root), **metrics)
         if not json_out:
-            out.print(tables.zero_shot_table(metrics, f"zero-shot on {folder.root.name} ({' | '.join(prompts)})"))
+            out.print(tables.zero_shot_table(metrics, f"zero-shot on {folder.root.name}"))
             out.print(tables.zero_shot_summary(metrics))
+            # soft_wrap: Rich would break a template at its spaces; a terminal wraps the line whole
+            out.print(tables.templates_line(prompts), soft_wrap=True, markup=False)
     if json_out:
         print_json(result)

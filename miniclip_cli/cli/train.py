@@ -15,6 +15,7 @@ import typer
 from ..config import (
     REMOVED_IN,
     DataConfig,
+    RuntimeConfig,
     RunConfig,
     apply_overrides,
     load_run_config,
@@ -239,10 +240,10 @@ def train_command(
             if epochs is not None:
                 config.train.epochs = epochs
                 if max_steps is None:  # a new limit in epochs replaces a step limit the run was started with
-                    config.train.max_steps = None
+                    config.runtime.max_steps = None
             for name, value in runtime.items():
                 if value is not None:
-                    setattr(config.train, name, value)
+                    setattr(config.runtime, name, value)
             config.validate()
             if world.is_main:
                 save_config(run, config)
@@ -262,11 +263,13 @@ def train_command(
                     _clear_run(run)
                 distributed.barrier()
             flags = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
-                     "captions": captions, "accum_steps": accum_steps, "seed": seed, **runtime}
+                     "captions": captions, "accum_steps": accum_steps, "seed": seed}
+            runtime_config = RuntimeConfig(**{k: v for k, v in runtime.items() if v is not None})
             for name, value in flags.items():
                 if value is not None:
                     setattr(train_config, name, value)
             train_config.validate()
+            runtime_config.validate()
 
         seed_for_split = config.train.seed if resume else train_config.seed
         allow_outside = resume and config.data.allow_outside_paths or allow_outside_paths
@@ -295,8 +298,8 @@ def train_command(
                 data_config.templates = ("a photo of a {}", "a {}")  # the captions' own style: no full stop
             if zero_shot is not None:
                 data_config.zero_shot = str(zero_shot.expanduser().resolve())
-            config = apply_overrides(RunConfig(model=model_config, train=train_config, data=data_config),
-                                     overrides or [])
+            config = apply_overrides(RunConfig(model=model_config, train=train_config, data=data_config,
+                                               runtime=runtime_config), overrides or [])
 
         context = config.model.context_length
         report = _tokenizer_report(tokenizer, train_captions, context)

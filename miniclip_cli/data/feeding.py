@@ -69,8 +69,8 @@ class EpochSampler(torch.utils.data.Sampler):
 
 
 def pick_workers(config: RunConfig, device: torch.device) -> int:
-    if config.train.workers >= 0:
-        return config.train.workers
+    if config.runtime.workers >= 0:
+        return config.runtime.workers
     # On CPU one loader process overlaps JPEG decoding with compute without starving the model of cores.
     return 1 if device.type == "cpu" else 4
 
@@ -78,7 +78,7 @@ def pick_workers(config: RunConfig, device: torch.device) -> int:
 def device_crops(config: RunConfig, device: torch.device, cached: bool) -> bool:
     """Whether crops are cut on the training device (data/images.DeviceCrops): by default wherever that is
     not the CPU, since on a CPU the loader process resizes in parallel with the model's step."""
-    augment = config.train.augment
+    augment = config.runtime.augment
     if augment == "device" and not cached:
         raise ConfigError("train.augment=device cuts crops from the decoded-image cache; drop --no-cache, or use "
                           "--set train.augment=loader (shards always crop in the loader)")
@@ -106,13 +106,13 @@ class TrainingData:
         self.cache_seconds = None  # how long building the image cache took, when this run built it
         self.cache = None  # where the image cache is and its size, for the user
         if self.streamed:
-            if tc.augment == "device":
+            if config.runtime.augment == "device":
                 device_crops(config, device, cached=False)  # raises: shards have no image cache
             self.dataset = ShardDataset(train, *common, rank=world.rank, world_size=world.world_size,
                                         batch_size=tc.batch_size, extra_views=extra_views)
         else:
             cache = None
-            if tc.cache:
+            if config.runtime.cache:
                 paths = [item.image for item in train]
                 if world.is_main:  # rank 0 builds it; the others wait, then map the same files
                     start = time.perf_counter()

@@ -32,6 +32,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
+from ..cli.common import _json_ready as json_ready
 from ..data.pixels import load_rgb, normalise, resize_centre_crop
 from ..errors import CheckpointError, ConfigError, DataError, MiniclipError
 from ..runtime import Encoder, normalise_rows, open_encoder
@@ -159,7 +160,8 @@ class Service:
             start = time.perf_counter()
             probabilities = await self.gate.run(self.caption_probabilities, data, name, captions)
         scores = [{"caption": c, "probability": p} for c, p in zip(captions, probabilities)]
-        return JSONResponse({"image": name, "scores": scores}, headers=timing(start))
+        # Rounded as `classify --json` prints it, so that both give the same numbers.
+        return JSONResponse(json_ready({"image": name, "scores": scores}, ""), headers=timing(start))
 
     def caption_probabilities(self, data: bytes, name: str, captions: list[str]) -> list[float]:
         pixels = self.pixels(data, name)

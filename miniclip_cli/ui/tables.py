@@ -17,8 +17,9 @@ def retrieval_table(metrics: dict, title: str) -> Table:
     for name, label in (("image_to_text", "image -> text"), ("text_to_image", "text -> image")):
         table.add_row(label, *(f"{metrics[f'{name}_R@{k}']:.2f}" for k in RECALL_KS),
                       f"{metrics[f'{name}_mean_rank']:.1f}", f"{metrics[f'{name}_median_rank']:.0f}")
+    match3 = "n/a (one image)" if metrics["match3_top1"] is None else f"{metrics['match3_top1']:.1f}%"
     table.caption = (f"mean recall {metrics['mean_recall']:.2f}  ·  3-way caption match "
-                     f"{metrics['match3_top1']:.1f}%  ·  {metrics['images']} images, "
+                     f"{match3}  ·  {metrics['images']} images, "
                      f"{metrics['captions']} captions")
     return table
 
@@ -40,6 +41,10 @@ def zero_shot_summary(metrics: dict) -> str:
         text += (f"\nheld-out classes {metrics['held_out_top1']:.2f}% vs chance {metrics['chance']:.2f}%  ·  "
                  f"classes seen in training {metrics['seen_top1']:.2f}%")
     return text
+
+
+def templates_line(templates: list[str]) -> str:
+    return "templates: " + "  ·  ".join(repr(t) for t in templates)
 
 
 def probability_table(captions: list[str], probabilities: list[float]) -> Table:
@@ -90,11 +95,12 @@ def bench_tables(rows: list[dict], machine: dict) -> list[Table]:
     for column in ("backend", "size MB", "image ms", "caption ms", "1 img + 3 caps ms", "img/s @64", "speed-up"):
         speed.add_column(column, justify="left" if column == "backend" else "right", no_wrap=column == "backend")
     for r in rows:
-        if "error" in r:
-            speed.add_row(r["row"], f"[dim]cannot run: {r['error']}[/]", *[""] * 5)
+        if "error" in r:  # why is said under the table (bench_unavailable), where it reads on one line
+            speed.add_row(r["row"], *["-"] * 6, style="dim")
             continue
+        speedup = f"{r['speedup_demo']:.2f}x" if "speedup_demo" in r else "-"  # no PyTorch row to compare with
         speed.add_row(r["row"], f"{r['size_mb']:.2f}", _ms(r["image_ms"]), _ms(r["caption_ms"]), _ms(r["demo_ms"]),
-                      f"{r['images_per_s']:.0f}", f"{r['speedup_demo']:.2f}x")
+                      f"{r['images_per_s']:.0f}", speedup)
     speed.caption = f"{machine['cpu']} · {', '.join(machine['extensions']) or 'no AVX2'} · {machine['threads']} threads"
     measured = [r for r in rows if r.get("accuracy")]
     if not measured:
@@ -107,6 +113,11 @@ def bench_tables(rows: list[dict], machine: dict) -> list[Table]:
     for key in keys:
         accuracy.add_row(key, *(f"{r['accuracy'][key]:.2f}" for r in measured))
     return [speed, accuracy]
+
+
+def bench_unavailable(rows: list[dict]) -> list[str]:
+    """One line per row that could not run, saying why."""
+    return [f"{r['row']} cannot run: {r['error']}" for r in rows if "error" in r]
 
 
 def train_bench_table(result: dict) -> Table:
