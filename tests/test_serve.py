@@ -81,6 +81,9 @@ def test_health_names_the_model_and_backend(client, exported_run, photos):
     assert health["model"] == exported_run.name and health["backend"] == "onnx"
     assert health["backend_label"] == "ONNX int8" and health["image_size"] == 32
     assert health["photos"] == str(photos.resolve()) and health["photo_count"] == 6
+    # An exported folder on its own is served with its int8 model (--backend auto), named after its run.
+    exported = TestClient(build_app(exported_run / "onnx"), base_url="http://127.0.0.1").get("/api/health").json()
+    assert (exported["model"], exported["backend"]) == (exported_run.name, "onnx")
 
 
 def test_page_and_script_are_served_with_a_strict_policy(client):

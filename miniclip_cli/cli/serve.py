@@ -33,7 +33,7 @@ def _listen(host: str, port: int) -> socket.socket:
 def serve_command(
     model_dir: Path = typer.Option(..., "--model", "-m", help="A run folder written by `miniclip train`."),
     photos: Optional[Path] = typer.Option(None, "--photos", help="A folder indexed by `miniclip index` with this model, to search."),
-    backend: Backend = "torch",
+    backend: Backend = "auto",
     which: Checkpoint = "best",
     device: Device = "auto",
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on. Anything but loopback lets the network in."),

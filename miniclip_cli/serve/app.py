@@ -35,7 +35,7 @@ from starlette.routing import Route
 from ..cli.common import _json_ready as json_ready
 from ..data.pixels import load_rgb, normalise, resize_centre_crop
 from ..errors import CheckpointError, ConfigError, DataError, MiniclipError
-from ..runtime import Encoder, normalise_rows, open_encoder
+from ..runtime import ONNX_DIR, Encoder, is_export, normalise_rows, open_encoder
 
 STATIC = Path(__file__).parent / "static"
 MIN_CAPTIONS, MAX_CAPTIONS = 2, 8  # the page offers two to eight boxes
@@ -388,12 +388,14 @@ def create_app(encoder: Encoder, model_name: str, backend: str, index=None, max_
     return Guard(app, allowed_hosts)
 
 
-def build_app(run: str | Path, backend: str = "torch", photos: str | Path | None = None, which: str = "best",
+def build_app(run: str | Path, backend: str = "auto", photos: str | Path | None = None, which: str = "best",
               device: str = "auto", host: str = "127.0.0.1", **options):
     """Open the run's model (and the index of `photos`, built by `miniclip index` with this run) and make the app."""
     run = Path(run).expanduser()
     if not run.is_dir():
         raise CheckpointError(f"{run}: no such run folder; give one written by `miniclip train`")
+    if backend == "auto":  # as open_encoder decides, so that the index check knows which model this is
+        backend = "onnx" if is_export(run) else "torch"
     index = None
     if photos is not None:
         from ..index import find_index, load, load_index, search
@@ -404,4 +406,6 @@ def build_app(run: str | Path, backend: str = "torch", photos: str | Path | None
     else:
         encoder = open_encoder(run, backend, which, device)
     allowed = (LOOPBACK_NAMES | {host}) if is_loopback(host) else None
-    return create_app(encoder, run.resolve().name, backend, index, allowed_hosts=allowed, **options)
+    folder = run.resolve()
+    name = folder.parent.name if is_export(folder) and folder.name == ONNX_DIR else folder.name
+    return create_app(encoder, name, backend, index, allowed_hosts=allowed, **options)
