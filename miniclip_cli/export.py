@@ -9,13 +9,14 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import tempfile
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .checkpoint import load_run
+from .checkpoint import load_run, tokenizer_sha256
 from .errors import CheckpointError
 from .model import MiniCLIP
 from .run_files import TOKENIZER, atomic_write
@@ -97,9 +98,8 @@ def export_run(run: Path, image_paths: list[Path], captions: list[str], which: s
     ids, lengths = tokenizer.encode(captions, config.model.context_length)
     reference_outputs = (check_features(reference.encode_pixels(pixels), "images"),
                          check_features(reference.encode_tokens(ids, lengths), "captions"))
-    staging = run / f".{ONNX_DIR}-staging"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    # Fresh names made exclusively: a fixed one could be a planted link or a leftover of a killed export.
+    staging = Path(tempfile.mkdtemp(dir=run, prefix=f".{ONNX_DIR}-staging-"))
     try:
         _export_fp32(model, staging)
         atomic_write(staging / TOKENIZER, lambda tmp: shutil.copyfile(run / TOKENIZER, tmp))
@@ -108,7 +108,7 @@ def export_run(run: Path, image_paths: list[Path], captions: list[str], which: s
             "image_size": config.model.image_size, "mean": list(config.data.mean), "std": list(config.data.std),
             "context_length": config.model.context_length, "vocab_size": config.model.vocab_size,
             "embed_dim": config.model.embed_dim, "logit_scale": float(model.scale().detach()),
-            "tokenizer": TOKENIZER, "templates": list(config.data.templates),
+            "tokenizer": TOKENIZER, "tokenizer_sha256": tokenizer_sha256(run), "templates": list(config.data.templates),
             "inputs": {"images": "float32 batch x 3 x size x size, normalised with mean/std",
                        "tokens": "int64 batch x length, <start> ... <end> then <pad>",
                        "lengths": "int64 batch, tokens up to and including <end>"},
@@ -140,8 +140,7 @@ def export_run(run: Path, image_paths: list[Path], captions: list[str], which: s
         metadata["checks"] = checks
         atomic_write(staging / METADATA, lambda tmp: tmp.write_text(json.dumps(metadata, indent=2), encoding="utf-8"))
         final = run / ONNX_DIR
-        retired = run / f".{ONNX_DIR}-old"
-        shutil.rmtree(retired, ignore_errors=True)
+        retired = Path(tempfile.mkdtemp(dir=run, prefix=f".{ONNX_DIR}-old-"))  # renamed over while empty
         if final.exists():
             final.rename(retired)
         staging.rename(final)

@@ -6,6 +6,7 @@ tokenizers, pillow and numpy alone, for devices without PyTorch.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Callable
@@ -229,6 +230,10 @@ class OnnxEncoder(Encoder):
         self.mean, self.std, self.logit_scale = tuple(meta["mean"]), tuple(meta["std"]), float(meta["logit_scale"])
         tokenizer_path = folder / meta.get("tokenizer", TOKENIZER)
         self.tokenizer = Tokenizer.load(tokenizer_path)
+        recorded = meta.get("tokenizer_sha256")  # exports from before it was recorded are taken as they are
+        if recorded and recorded != hashlib.sha256(tokenizer_path.read_bytes()).hexdigest():
+            raise CheckpointError(f"{tokenizer_path}: not the tokenizer this model was exported with (its sha256 "
+                                  "differs from the one metadata.json records); re-export with `miniclip quantize`")
         if self.tokenizer.vocab_size != meta["vocab_size"]:
             raise CheckpointError(f"{tokenizer_path}: {self.tokenizer.vocab_size} tokens but metadata says "
                                   f"{meta['vocab_size']}; re-export with {_quantize_hint(folder)}")
