@@ -285,6 +285,15 @@ def test_the_onnx_server_runs_without_torch_and_stops_on_ctrl_c(exported_run, ph
     assert "server stopped" in stderr and "Traceback" not in stderr
 
 
+def test_without_the_serve_extra_the_command_names_it(exported_run):
+    script = ("import sys\nsys.modules['uvicorn'] = None\n"
+              "from miniclip_cli.cli import app\n"
+              f"app(['serve', '--model', {str(exported_run)!r}, '--backend', 'onnx'])\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 3, done.stderr
+    assert "uvicorn is missing" in done.stderr and "pip install 'miniclip[serve]'" in done.stderr
+
+
 # --- the page in headless Chromium -------------------------------------------------------------------------
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 
@@ -353,3 +362,4 @@ def test_the_page_in_chromium(runner, exported_run, photos, tmp_path):
         driver.quit()
         process.send_signal(signal.SIGINT)
         process.communicate(timeout=30)
+
