@@ -3,8 +3,9 @@
 No torch here: with an ONNX encoder, indexing and searching run on onnxruntime, PIL and NumPy alone.
 
 The index file (`FOLDER/.miniclip/index-RUN.npz`, NumPy's zip of arrays, no pickle) holds:
-  features  n d int16   each unit feature row as x / scale * 32767 (see `_quantise`)
-  scales    n   float32 each row's largest |x|
+  features  n d int16   each unit feature row as x / scale * 32767 (see `_quantise`), or n d float32 when
+                        stored with storage="float32" (twice the size; scores then equal eval's bit for bit)
+  scales    n   float32 each row's largest |x| (int16 storage only)
   sizes     n   int64   file size in bytes  } a file whose size or modification time differs is re-embedded
   mtimes    n   int64   mtime in ns         }
   paths     zlib of the NUL-joined UTF-8 paths, relative to the folder
@@ -32,6 +33,7 @@ from .run_files import CONFIG, TOKENIZER, atomic_write, remove_stale_temporaries
 from .runtime import ONNX_DIR, ONNX_FILES, Encoder, normalise_rows, open_encoder
 
 FORMAT = 1
+STORAGES = ("int16", "float32")
 INDEX_DIR = ".miniclip"
 BATCH = 64
 # Saving rewrites the whole file; saving only once this many times its own duration has passed keeps the
@@ -108,15 +110,21 @@ class Index:
     features: np.ndarray  # n d float32, unit rows (dequantised on load)
     skipped: dict[str, list] = field(default_factory=dict)  # path -> [size, mtime, reason]
     file: Path | None = None
+    storage: str = "int16"  # on disk: see STORAGES
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def save(self, path: str | Path) -> None:
         path = Path(path)
-        quantised, scales = _quantise(self.features)
-        meta = {"format": FORMAT, "root": str(self.root), "model": self.model, "skipped": self.skipped}
-        arrays = {"features": quantised, "scales": scales, "sizes": np.asarray(self.sizes, np.int64),
+        meta = {"format": FORMAT, "root": str(self.root), "model": self.model, "skipped": self.skipped,
+                "storage": self.storage}
+        if self.storage == "int16":
+            quantised, scales = _quantise(self.features)
+            arrays = {"features": quantised, "scales": scales}
+        else:
+            arrays = {"features": np.asarray(self.features, np.float32)}
+        arrays |= {"sizes": np.asarray(self.sizes, np.int64),
                   "mtimes": np.asarray(self.mtimes, np.int64),
                   "paths": np.frombuffer(zlib.compress("\0".join(self.paths).encode("utf-8"), 6), np.uint8),
                   "meta": np.frombuffer(json.dumps(meta).encode("utf-8"), np.uint8)}
@@ -125,7 +133,11 @@ class Index:
             with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a name
                 np.savez(f, **arrays)
 
-        atomic_write(path, write)
+        try:
+            atomic_write(path, write)
+        except OSError as exc:  # a read-only photo folder, a full disk: the earlier index is left as it was
+            raise DataError(f"{path}: cannot write the index ({exc.strerror or exc}); give --index PATH in a "
+                            "writable folder") from None
         self.file = path
 
 
@@ -150,9 +162,10 @@ def load_index(path: str | Path) -> Index:
                 raise ValueError(f"format {meta.get('format')}, this miniclip reads {FORMAT}")
             raw = zlib.decompress(data["paths"].tobytes()).decode("utf-8")
             paths = raw.split("\0") if raw else []
-            scales = data["scales"]
+            storage = meta.get("storage", "int16")
             features = data["features"].astype(np.float32)
-            features *= (scales / 32767)[:, None]
+            if storage == "int16":
+                features *= (data["scales"] / 32767)[:, None]
             sizes, mtimes = data["sizes"], data["mtimes"]
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error, UnicodeDecodeError) as exc:
         raise DataError(f"{path}: not a readable miniclip index ({str(exc)[:100]}); delete it and run "
@@ -162,7 +175,7 @@ def load_index(path: str | Path) -> Index:
     root = Path(meta["root"])
     if path.parent.name == INDEX_DIR:  # inside the folder it indexes: follow the folder if it was moved
         root = path.parent.parent.resolve()
-    return Index(root, meta["model"], paths, sizes, mtimes, features, meta.get("skipped", {}), path)
+    return Index(root, meta["model"], paths, sizes, mtimes, features, meta.get("skipped", {}), path, storage)
 
 
 def find_index(folder: str | Path, run: str | Path | None = None) -> Path:
@@ -240,13 +253,19 @@ def _pixels_or_problem(path: Path, encoder: Encoder):
 
 
 def index_folder(folder: str | Path, encoder: Encoder, index_path: str | Path | None = None, rebuild: bool = False,
-                 batch_size: int = BATCH, progress: Progress | None = None) -> tuple[Index, IndexStats]:
+                 batch_size: int = BATCH, progress: Progress | None = None, storage: str | None = None
+                 ) -> tuple[Index, IndexStats]:
     """Embed every image below `folder` that the index at `index_path` (default FOLDER/.miniclip/index-RUN.npz)
     lacks or holds an older version of, drop the deleted ones, and save.
 
     The file is rewritten whole (temporary file, then rename) after each batch, or less often once that costs
     more than ~5% of the time, so an interrupted run leaves a complete earlier index that the next run
-    continues from. Unreadable images are skipped, counted and remembered until they change."""
+    continues from. Unreadable images are skipped, counted and remembered until they change.
+
+    storage: "int16" (the default for a new index: 2 bytes a value, scores within ~1e-5 of float32) or "float32";
+    None keeps an existing index's."""
+    if storage not in (None, *STORAGES):
+        raise ConfigError(f"storage {storage!r}: use one of {', '.join(STORAGES)}")
     root = Path(folder).expanduser().resolve()
     files = scan_folder(root)
     if not files:
@@ -264,6 +283,8 @@ def index_folder(folder: str | Path, encoder: Encoder, index_path: str | Path | 
         if old.model["backend"] != encoder.backend:  # the same weights, but features of one kind per index
             raise ConfigError(f"{index_path}: holds {old.model['backend']} features, not {encoder.backend}; index "
                               f"with --backend {old.model['backend']}, or give --rebuild or another --index PATH")
+        if storage not in (None, old.storage):
+            raise ConfigError(f"{index_path}: stores {old.storage} features; give --rebuild to store {storage}")
 
     stats = IndexStats()
     keep, todo = [], []
@@ -286,7 +307,8 @@ def index_folder(folder: str | Path, encoder: Encoder, index_path: str | Path | 
     dim = old.features.shape[1] if old and len(old) else 0
     index = Index(root, model, [old.paths[i] for i in keep] if old else [],
                   old.sizes[keep] if old else np.zeros(0, np.int64), old.mtimes[keep] if old else np.zeros(0, np.int64),
-                  old.features[keep] if old else np.zeros((0, dim), np.float32), skipped)
+                  old.features[keep] if old else np.zeros((0, dim), np.float32), skipped,
+                  storage=storage or (old.storage if old else "int16"))
     new_paths, new_features, new_stats = [], [], []
     saved_at, save_seconds = time.monotonic(), 0.0
 
@@ -314,7 +336,8 @@ def index_folder(folder: str | Path, encoder: Encoder, index_path: str | Path | 
                     if isinstance(x, str):
                         skipped[batch[i]] = [*files[batch[i]], x]
                 if good:
-                    new_features.append(normalise_rows(encoder.encode_pixels(np.stack([loaded[i] for i in good]))))
+                    # Unit rows already (the Encoder's contract): stored as they are, the features eval computes.
+                    new_features.append(encoder.encode_pixels(np.stack([loaded[i] for i in good])))
                     new_paths.extend(batch[i] for i in good)
                     new_stats.extend(files[batch[i]] for i in good)
                 if progress:

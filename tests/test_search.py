@@ -278,3 +278,27 @@ def test_updating_an_index_with_another_backend_is_refused(exported_run, photos)
         mc.index_folder(photos, mc.load(exported_run, "onnx"))
     index, stats = mc.index_folder(photos, mc.load(exported_run, "onnx"), rebuild=True)
     assert stats.new == 10 and index.model["backend"] == "onnx"
+
+
+def test_float32_storage_keeps_the_features_bit_for_bit(runner, trained_run, photos):
+    summary = json_of(run_cli(runner, "index", photos, "--model", trained_run, "--float32", "--json"))
+    index = mc.load_index(summary["index"])
+    assert index.storage == "float32"
+    encoder = mc.load(trained_run)
+    computed, _ = mc.index_folder(photos, encoder, rebuild=True, storage="float32")
+    assert np.array_equal(mc.load_index(summary["index"]).features, computed.features)
+    row = index.paths.index("blue_square_5.png")
+    assert np.allclose(index.features[row], encoder.encode_images([photos / "blue_square_5.png"])[0], atol=1e-6)
+    # An update keeps the storage; asking for the other one needs --rebuild.
+    _, stats = mc.index_folder(photos, encoder)
+    assert mc.load_index(summary["index"]).storage == "float32" and stats.unchanged == 10
+    result = run_cli(runner, "index", photos, "--model", trained_run, code=0)
+    assert "10 unchanged" in result.stderr
+    int16 = mc.index_folder(photos, encoder, storage="int16", rebuild=True)[0]
+    assert int16.storage == "int16" and np.abs(mc.load_index(int16.file).features - index.features).max() < 2e-5
+
+
+def test_an_index_that_cannot_be_written_is_a_clear_error(runner, trained_run, photos, tmp_path):
+    (tmp_path / "a_file").write_text("")
+    result = run_cli(runner, "index", photos, "--model", trained_run, "--index", tmp_path / "a_file" / "index.npz", code=2)
+    assert "cannot write the index" in result.stderr and "--index PATH" in result.stderr
