@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -137,3 +138,31 @@ def _holder(fd: int) -> str:
     except (OSError, UnicodeDecodeError):  # Windows bars reading a locked byte
         pid = ""
     return f"PID {pid} ({command})" if pid.isdigit() else "another process"
+
+
+def new_run_folder(name: str) -> Path:
+    """artifacts/runs/NAME, or NAME-2, NAME-3, ... when taken: where a run goes without --out."""
+    base = Path("artifacts") / "runs" / name
+    candidate, n = base, 1
+    while (candidate / CONFIG).exists():
+        n += 1
+        candidate = base.with_name(f"{name}-{n}")
+    return candidate
+
+
+def latest_run_folder(name: str) -> Path:
+    """The run of dataset NAME under artifacts/runs whose resume file is newest: what --resume without --out continues."""
+    runs = [p for p in (Path("artifacts") / "runs").glob(f"{name}*") if (p / RESUME).is_file()]
+    if not runs:
+        raise ConfigError(f"--resume: no resumable run for '{name}' under artifacts/runs; pass --out RUN_FOLDER")
+    return max(runs, key=lambda p: (p / RESUME).stat().st_mtime)
+
+
+RUN_FILES = (CONFIG, TOKENIZER, BEST, LAST, RESUME, HISTORY)  # what --overwrite removes
+
+
+def clear_run(run: Path) -> None:
+    """--overwrite: remove the files a run folder holds (and its export), nothing else."""
+    for name in RUN_FILES:
+        (run / name).unlink(missing_ok=True)
+    shutil.rmtree(run / "onnx", ignore_errors=True)

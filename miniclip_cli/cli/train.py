@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import sys
 from pathlib import Path
@@ -23,7 +22,7 @@ from ..config import (
 )
 from ..data.shards import is_shard_spec, open_shards, shard_captions
 from ..errors import CheckpointError, ConfigError, DataError, SaveError
-from ..run_files import BEST, CONFIG, HISTORY, LAST, RESUME, TOKENIZER, check_writable, lock_folder
+from ..run_files import CONFIG, LAST, RESUME, check_writable, clear_run, latest_run_folder, lock_folder, new_run_folder
 from ..tokenizer import Tokenizer, train_tokenizer
 from ..ui import charts
 from ..ui.console import err, info, only_rank_zero_speaks, out, warn
@@ -42,32 +41,6 @@ from .common import (
 
 DATA_HELP = ("Caption file or dataset folder (see README 'Data layouts'), or shards from `miniclip shard` (a folder, or "
              "a pattern such as 'shards/{000000..000005}.tar'). Omit for the built-in shapes dataset.")
-
-
-def _new_run_folder(name: str) -> Path:
-    base = Path("artifacts") / "runs" / name
-    candidate, n = base, 1
-    while (candidate / CONFIG).exists():
-        n += 1
-        candidate = base.with_name(f"{name}-{n}")
-    return candidate
-
-
-def _latest_run_folder(name: str) -> Path:
-    runs = [p for p in (Path("artifacts") / "runs").glob(f"{name}*") if (p / RESUME).is_file()]
-    if not runs:
-        raise ConfigError(f"--resume: no resumable run for '{name}' under artifacts/runs; pass --out RUN_FOLDER")
-    return max(runs, key=lambda p: (p / RESUME).stat().st_mtime)
-
-
-RUN_FILES = (CONFIG, TOKENIZER, BEST, LAST, RESUME, HISTORY)
-
-
-def _clear_run(run: Path) -> None:
-    """--overwrite: remove the files a run folder holds (and its export), nothing else."""
-    for name in RUN_FILES:
-        (run / name).unlink(missing_ok=True)
-    shutil.rmtree(run / "onnx", ignore_errors=True)
 
 
 def _tokenizer_report(tokenizer: Tokenizer, captions: list[str], context_length: int) -> dict:
@@ -220,7 +193,7 @@ def train_command(
             if given:
                 raise ConfigError(f"{', '.join(given)} would change the run being resumed; resume without "
                                   f"{'it' if len(given) == 1 else 'them'}, or start a new run with another --out")
-            run = out_dir or _latest_run_folder(dataset_name(data))
+            run = out_dir or latest_run_folder(dataset_name(data))
             claim(run)
             config = load_run_config(run)
             if config.removed:
@@ -253,14 +226,14 @@ def train_command(
             preset_name = preset or ("default" if data is not None else "shapes")
             model_config, train_config = preset_configs(preset_name)
             # rank 0 names the folder: the others would see its config.json and pick the next free name.
-            run = Path(distributed.broadcast_object(str(out_dir or _new_run_folder(dataset_name(data)))))
+            run = Path(distributed.broadcast_object(str(out_dir or new_run_folder(dataset_name(data)))))
             claim(run)
             if (run / CONFIG).exists():
                 if not overwrite:
                     raise ConfigError(f"{run} already holds a run; pass --resume to continue it, --overwrite to start "
                                       "it over, or choose another --out")
                 if world.is_main:
-                    _clear_run(run)
+                    clear_run(run)
                 distributed.barrier()
             flags = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
                      "captions": captions, "accum_steps": accum_steps, "seed": seed}
