@@ -87,8 +87,16 @@ class Encoder:
 
     def caption_probabilities(self, image: Path, captions: list[str]) -> list[float]:
         """Softmax over the captions of the scaled cosine similarities with the image."""
-        image_features = check_features(self.encode_pixels(self.pixels([image])), "images")
-        logits = self.logit_scale * image_features @ check_features(self.encode_texts(captions), "captions").T  # 1 c
+        return self.pixel_probabilities(self.pixels([image]), captions)
+
+    def pixel_probabilities(self, pixels: np.ndarray, captions: list[str], text_features: np.ndarray | None = None
+                            ) -> list[float]:
+        """caption_probabilities for one image already decoded to pixels (1 3 s s), e.g. an upload;
+        text_features: encode_texts(captions) when the caller kept it from an earlier call."""
+        image_features = check_features(self.encode_pixels(pixels), "images")
+        if text_features is None:
+            text_features = self.encode_texts(captions)
+        logits = self.logit_scale * image_features @ check_features(text_features, "captions").T  # 1 c
         logits = logits[0] - logits[0].max()
         probabilities = np.exp(logits) / np.exp(logits).sum()
         if not np.isfinite(probabilities).all():

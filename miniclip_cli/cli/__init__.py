@@ -84,4 +84,4 @@ def main() -> None:
 
 
 # Imported last: each module registers its commands on `app` through `command`.
-from . import cache, classify, deploy, evaluate, search, shard, train  # noqa: E402, F401
+from . import cache, classify, deploy, evaluate, search, serve, shard, train  # noqa: E402, F401

@@ -1,0 +1,1 @@
+"""The web page and JSON API of `miniclip serve` (needs the `serve` extra: starlette, uvicorn, python-multipart)."""
