@@ -42,7 +42,7 @@ def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
     if precision == "bf16":
         return torch.bfloat16
     # auto: bf16 where it is native and fast. A training step under bf16 autocast took 0.6x the fp32 time on
-    # CPUs with AVX-512 BF16 (AMD Zen 4, issue 4) but 2.4x on AVX-512 without it (Intel Cascade Lake), so
+    # CPUs with AVX-512 BF16 (AMD Zen 4) but 2.4x on AVX-512 without it (Intel Cascade Lake), so
     # the CPU test is for the bf16 instructions themselves (or AMX), not AVX-512. MPS autocast support is
     # patchy, so it stays fp32.
     if device.type == "cuda":

@@ -72,7 +72,7 @@ def _quantise(folder: Path) -> None:
     level = root.level
     root.setLevel(logging.ERROR)  # quantize_dynamic logs a pre-processing hint on the root logger for every model
     try:
-        # Signed int8 weights ran 1.5-2x faster than unsigned on 2 cores (issue 3); per-channel changed nothing.
+        # Signed int8 weights ran 1.5-2x faster than unsigned on 2 cores (docs/benchmarks.md); per-channel changed nothing.
         for source, target in zip(ONNX_FILES["fp32"], ONNX_FILES["int8"]):
             quantize_dynamic(folder / source, folder / target, weight_type=QuantType.QInt8)
     finally:

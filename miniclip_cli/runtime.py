@@ -146,7 +146,7 @@ def onnx_session(path: Path, threads: int = 0):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    # Measured on 2 cores (issue 3): full graph optimisation 1.5x faster than none at batch 1; no spinning
+    # Measured on 2 cores: full graph optimisation 1.5x faster than none at batch 1; no spinning
     # 1.7x faster when the image and text sessions share the cores.
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")

@@ -118,7 +118,7 @@ def train_command(
     accum_steps: Optional[int] = typer.Option(None, "--accum-steps", help="Micro-batches per optimizer step: a contrastive batch accum-steps times larger, in the memory of one."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (AdamW, warm-up then cosine decay). Default: the preset's."),
     weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="AdamW weight decay on weight matrices. Default: the preset's."),
-    captions: Optional[str] = typer.Option(None, "--captions", help="'one': one caption per image per epoch, drawn anew (or train.positives of them); 'all': every caption. Default: the preset's."),
+    captions: Optional[str] = typer.Option(None, "--captions", help="'one': one caption per image per epoch, drawn anew; 'all': every caption. Default: the preset's."),
     device: Device = "auto",
     precision: Optional[str] = typer.Option(None, "--precision", help="auto (bf16 where fast; the default), fp32 or bf16."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seeds weights, data order, caption draws and crops (0)."),

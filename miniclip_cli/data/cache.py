@@ -1,7 +1,7 @@
 """Decode a dataset's training images once into a uint8 array file, memory-mapped by later epochs and runs.
 
 Decoding a 500x375 JPEG costs about 1.5 ms of a core; a model step on a GPU costs far less per pair, so
-decoding every epoch bounds GPU training (issue 4). The cache holds each image resized so its short side is
+decoding every epoch bounds GPU training. The cache holds each image resized so its short side is
 `cache_size(image_size)` (a quarter above the model's input, room for the random crops) and centre-cropped
 to a square, the way evaluation frames an image. It is keyed by every image's path, size and modification
 time plus the resolution, so a changed, added or removed image builds a new one.
