@@ -9,44 +9,17 @@ from typing import List, Optional
 
 import typer
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
-from rich.text import Text
 
 from ..data.pixels import IMAGE_SUFFIXES
 from ..errors import ConfigError, DataError
-from ..ui.console import err, info, out, warn
+from ..ui.console import info, out, warn
+from ..ui.progress import CountProgress
 from . import command
 from .common import Backend, Device, JsonFlag
 
 
 PREVIEWS = 5  # more would push the table off the screen
-
-
-class _Rate(ProgressColumn):
-    def render(self, task) -> Text:
-        return Text(f"{task.speed:,.0f} images/s" if task.speed else "")
-
-
-class _IndexProgress:
-    """(done, total) -> a Rich bar with images/s and ETA on stderr."""
-
-    def __init__(self):
-        self.progress = Progress(TextColumn("embedding"), BarColumn(), MofNCompleteColumn(), _Rate(),
-                                 TextColumn("eta"), TimeRemainingColumn(), console=err)
-        self.task = None
-
-    def __enter__(self):
-        self.progress.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.progress.stop()
-
-    def __call__(self, done: int, total: int) -> None:
-        if self.task is None:
-            self.task = self.progress.add_task("embedding", total=total)
-        self.progress.update(self.task, completed=done)
 
 
 @command("index")
@@ -79,7 +52,7 @@ def index_command(
         raise DataError(f"{folder}: no such folder; give the folder that holds your photos")
     encoder = load(model_dir, backend, device)
     try:
-        with _IndexProgress() as bar:
+        with CountProgress("embedding", rate=True) as bar:
             index, stats = index_folder(folder, encoder, index_path, rebuild, progress=bar,
                                         storage="float32" if float32 else None)
     except KeyboardInterrupt:

@@ -8,10 +8,13 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    ProgressColumn,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+
+from rich.text import Text
 
 from .console import err, warn
 
@@ -100,11 +103,18 @@ class TrainProgress:
             warn("more training images failed to load; each epoch's line and history.jsonl count them")
 
 
-class CountProgress:
-    """A (done, total) callback for encoding images in evaluation."""
+class _Rate(ProgressColumn):
+    def render(self, task) -> Text:
+        return Text(f"{task.speed:,.0f} images/s" if task.speed else "")
 
-    def __init__(self, description: str):
+
+class CountProgress:
+    """A (done, total) callback for encoding images (evaluation, indexing); `rate` adds images/s."""
+
+    def __init__(self, description: str, rate: bool = False):
         self.progress = _progress()
+        if rate:
+            self.progress.columns = (*self.progress.columns[:3], _Rate(), *self.progress.columns[3:])
         self.description = description
         self.task = None
 
