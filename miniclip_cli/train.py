@@ -404,6 +404,8 @@ def check_unchanged(counters: dict, trained_on: dict, run: Path) -> None:
     before = counters.get("config")
     if before:
         now = trained_on["config"]
+        # a setting added since the run started (model.vision, say) was then at its default
+        before = {section: {**recipe(RunConfig())[section], **before.get(section, {})} for section in now}
         changed = [f"{section}.{key} {before[section].get(key)!r} -> {now[section].get(key)!r}"
                    for section in now for key in sorted(set(now[section]) | set(before.get(section, {})))
                    if before.get(section, {}).get(key) != now[section].get(key)]

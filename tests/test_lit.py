@@ -116,3 +116,15 @@ def test_frozen_tower_refuses_image_ssl():
     config.train.image_ssl = 1.0
     with pytest.raises(ConfigError, match="image_ssl=0"):
         config.validate()
+
+
+def test_runs_from_before_the_vision_setting_still_resume(tmp_path):
+    from miniclip_cli.train import check_unchanged, recipe
+
+    config = RunConfig(model=tiny_model_config())
+    old = recipe(config)
+    del old["model"]["vision"], old["train"]["tower_views"]  # a resume file written before they existed
+    check_unchanged({"config": old}, {"config": recipe(config)}, tmp_path)  # no error
+    config.model.vision = "efficientnet_lite0"
+    with pytest.raises(ConfigError, match="model.vision 'vit' -> 'efficientnet_lite0'"):
+        check_unchanged({"config": old}, {"config": recipe(config)}, tmp_path)
