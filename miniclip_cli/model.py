@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .efficientnet import FEATURES, EfficientNetLite0
 
 
 class Attention(nn.Module):
@@ -73,6 +74,31 @@ class VisionTransformer(nn.Module):
         return self.proj(self.ln_post(x[:, 0]))  # the class token's output: b embed_dim
 
 
+class FrozenTower(nn.Module):
+    """A pretrained backbone, frozen (weights and BatchNorm statistics), and a trained 2-layer MLP to the shared
+    space. Takes images (b 3 s s) or the backbone's pooled features (b 1280), which training caches (features.py).
+
+    Built with random backbone weights: training loads the ImageNet ones (efficientnet.load_pretrained), and a
+    saved run holds them, so loading a run needs neither the weights package nor any flag."""
+
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.backbone = EfficientNetLite0().requires_grad_(False)
+        self.proj = nn.Sequential(nn.Linear(FEATURES, c.vision_width), nn.GELU(), nn.Dropout(c.dropout),
+                                  nn.Linear(c.vision_width, c.embed_dim, bias=False))
+
+    def train(self, mode: bool = True) -> FrozenTower:
+        super().train(mode)
+        self.backbone.eval()  # BatchNorm keeps ImageNet's statistics
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim == 4:  # images: b 3 s s -> b 1280
+            with torch.no_grad():
+                x = self.backbone(x)
+        return self.proj(x)  # b 1280 -> b embed_dim
+
+
 class TextTransformer(nn.Module):
     def __init__(self, c: ModelConfig):
         super().__init__()
@@ -101,14 +127,15 @@ class MiniCLIP(nn.Module):
         super().__init__()
         config.validate()
         self.config = config
-        self.visual = VisionTransformer(config)
+        self.visual = VisionTransformer(config) if config.vision == "vit" else FrozenTower(config)
         self.text = TextTransformer(config)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / config.init_temperature)))
         # The learnt bias of the sigmoid loss (loss.siglip_loss); the softmax loss has none.
         self.logit_bias = None if config.init_logit_bias is None else nn.Parameter(torch.tensor(float(config.init_logit_bias)))
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        """images: b 3 s s, normalised -> b embed_dim, unit length."""
+        """images: b 3 s s, normalised (or, for a FrozenTower, its cached b 1280 features) -> b embed_dim, unit
+        length."""
         return F.normalize(self.visual(images), dim=-1)
 
     def encode_text(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,8 @@ def parameter_groups(modules: list[torch.nn.Module], weight_decay: float) -> lis
     decay, no_decay = [], []
     for module in modules:
         for name, p in module.named_parameters():
+            if not p.requires_grad:  # a frozen tower (model.FrozenTower)
+                continue
             undecayed = p.ndim < 2 or "token_embed" in name or "positions" in name
             (no_decay if undecayed else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

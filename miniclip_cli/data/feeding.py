@@ -99,13 +99,16 @@ class TrainingData:
 
     def __init__(self, config: RunConfig, train: list[ImageCaptions] | ShardSet, world: distributed.World,
                  collate: Collate, workers: int, device: torch.device, extra_views=(), cache_progress=None,
-                 notice=None):
+                 notice=None, dataset=None):
+        """`dataset`: ready-made training pairs (features.FeatureDataset) in place of `train`'s images."""
         tc = config.train
         common = (config.model.image_size, config.data.mean, config.data.std, tc.crop_scale, tc.captions, tc.seed)
         self.streamed = isinstance(train, ShardSet)
         self.cache_seconds = None  # how long building the image cache took, when this run built it
         self.cache = None  # where the image cache is and its size, for the user
-        if self.streamed:
+        if dataset is not None:
+            self.dataset = dataset
+        elif self.streamed:
             if config.runtime.augment == "device":
                 device_crops(config, device, cached=False)  # raises: shards have no image cache
             self.dataset = ShardDataset(train, *common, rank=world.rank, world_size=world.world_size,

