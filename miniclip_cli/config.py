@@ -145,8 +145,8 @@ class TrainConfig:
     image_ssl: float = 0.0
     # With a frozen image tower (model.vision=efficientnet_lite0) its pooled features are computed once per view of
     # each image and cached (features.py): view 0 is the whole image as eval sees it, the others random crops at
-    # crop_scale; epoch e trains on view e mod tower_views. 1 (the whole image only) is the recipe the issue's
-    # prototype measured; each extra view costs one more pass of the tower over the training images.
+    # crop_scale; epoch e trains on view e mod tower_views. 1 (the whole image only) is the measured recipe
+    # (docs/experiments.md); each extra view costs one more pass of the tower over the training images.
     tower_views: int = 1
 
     def validate(self) -> None:
