@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .config import RunConfig
-from .data.images import draw_caption, sample_seed
+from .data.images import CaptionPairs, sample_seed
 from .data.layouts import ImageCaptions
 from .data.pixels import eval_pixels, load_rgb
 from .data.transforms import training_views
@@ -61,27 +61,15 @@ def tower_features(backbone: torch.nn.Module, paths: list[Path], config: RunConf
     return torch.cat(out) if out else torch.zeros(0, views, backbone.head.bn.num_features)
 
 
-class FeatureDataset(torch.utils.data.Dataset):
-    """Training pairs of cached features (see the module docstring), with PairDataset's interface and its
-    captions: "one", an item per image with a caption drawn per epoch; "all", an item per pair."""
+class FeatureDataset(CaptionPairs):
+    """Training pairs of cached features (see the module docstring), drawn as PairDataset draws its pairs."""
 
     def __init__(self, items: list[ImageCaptions], features: torch.Tensor, captions: str, seed: int):
-        self.items, self.features, self.seed, self.epoch = items, features, seed, 0  # features: n v 1280
-        self.pairs = [(i, None) for i in range(len(items))] if captions == "one" else [
-            (i, j) for i, item in enumerate(items) for j in range(len(item.captions))
-        ]
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.pairs)
+        super().__init__(items, captions, seed)
+        self.features = features  # n v 1280
 
     def __getitem__(self, index: int) -> tuple:
-        image, caption_index = self.pairs[index]
-        captions = self.items[image].captions
-        rng = random.Random(sample_seed(self.seed, self.epoch, index))
-        caption = draw_caption(captions, rng) if caption_index is None else captions[caption_index]
+        image, caption = self.caption(index, random.Random(sample_seed(self.seed, self.epoch, index)))
         return self.features[image, self.epoch % self.features.shape[1]], caption, ()
 
 

@@ -41,7 +41,30 @@ def view_generators(seed: int, views: int, *parts: int) -> list[random.Random]:
     return [random.Random(sample_seed(seed, *parts, *((-v,) if v else ()))) for v in range(views)]
 
 
-class PairDataset(torch.utils.data.Dataset):
+class CaptionPairs(torch.utils.data.Dataset):
+    """The samples of an epoch over `items`: captions="one", an item per image, its caption drawn anew each
+    epoch; "all", an item per (image, caption) pair. Call set_epoch before each epoch's loader is made."""
+
+    def __init__(self, items: list[ImageCaptions], captions: str, seed: int):
+        self.items, self.seed, self.epoch = items, seed, 0
+        self.pairs = [(i, None) for i in range(len(items))] if captions == "one" else [
+            (i, j) for i, item in enumerate(items) for j in range(len(item.captions))
+        ]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def caption(self, index: int, rng: random.Random) -> tuple[int, str]:
+        """(image index, caption) of sample `index`; a drawn caption comes from `rng`."""
+        image, caption_index = self.pairs[index]
+        captions = self.items[image].captions
+        return image, draw_caption(captions, rng) if caption_index is None else captions[caption_index]
+
+
+class PairDataset(CaptionPairs):
     """Training pairs. captions="one": an item per image, its caption drawn anew each epoch; "all": an item per
     (image, caption) pair. Call set_epoch before each epoch's loader is made.
 
@@ -55,23 +78,14 @@ class PairDataset(torch.utils.data.Dataset):
 
     def __init__(self, items: list[ImageCaptions], size: int, mean, std, crop_scale, captions: str, seed: int,
                  cache: PixelCache | None = None, device_crops: bool = False, extra_views=()):
-        self.items, self.size, self.mean, self.std = items, size, mean, std
+        super().__init__(items, captions, seed)
+        self.size, self.mean, self.std = size, mean, std
         if device_crops and cache is None:
             raise ValueError("device crops read the image cache; pass one")
         # Samples carry the cached pixels and a crop box (DeviceCrops) rather than the finished crop.
         self.device_crops = device_crops
         self.crop_scales = (tuple(crop_scale), *map(tuple, extra_views))
-        self.seed, self.epoch = seed, 0
         self.cache = cache  # decoded pixels (data/cache.py), in the order of `items`; None decodes every time
-        self.pairs = [(i, None) for i in range(len(items))] if captions == "one" else [
-            (i, j) for i, item in enumerate(items) for j in range(len(item.captions))
-        ]
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.pairs)
 
     def __getitem__(self, index: int) -> tuple:
         failures: list[str] = []
@@ -90,10 +104,9 @@ class PairDataset(torch.utils.data.Dataset):
                         "check the dataset's image files")
 
     def _pair(self, index: int) -> tuple:
-        image_index, caption_index = self.pairs[index]
-        item = self.items[image_index]
         rngs = view_generators(self.seed, len(self.crop_scales), self.epoch, index)
-        caption = draw_caption(item.captions, rngs[0]) if caption_index is None else item.captions[caption_index]
+        image_index, caption = self.caption(index, rngs[0])
+        item = self.items[image_index]
         if self.device_crops:
             pixels = self.cache.pixels(image_index)  # h w 3
             h, w, _ = pixels.shape
