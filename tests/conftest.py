@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 
 import pytest
 from PIL import Image, ImageDraw
@@ -96,6 +97,15 @@ def trained_run(tmp_path_factory, tiny_dataset, runner):
     run = tmp_path_factory.mktemp("runs") / "tiny"
     run_cli(runner, "train", "--data", tiny_dataset, "--out", run, "--preset", "tiny", "--epochs", 2,
             "--batch-size", 8, "--workers", 0, "--vocab-size", 300)
+    return run
+
+
+@pytest.fixture(scope="session")
+def exported_run(tmp_path_factory, trained_run, runner):
+    """A copy of trained_run exported by `miniclip quantize`, shared by the deploy, search and serve tests."""
+    run = tmp_path_factory.mktemp("export") / "run"
+    shutil.copytree(trained_run, run)
+    run_cli(runner, "quantize", run)
     return run
 
 

@@ -13,14 +13,6 @@ from miniclip_cli.runtime import OnnxEncoder, TorchEncoder
 from .conftest import json_of, run_cli
 
 
-@pytest.fixture(scope="module")
-def exported_run(tmp_path_factory, trained_run, runner):
-    run = tmp_path_factory.mktemp("export") / "run"
-    shutil.copytree(trained_run, run)
-    run_cli(runner, "quantize", run)
-    return run
-
-
 def test_quantize_writes_a_complete_checked_model(exported_run):
     folder = exported_run / "onnx"
     for name in ("image.fp32.onnx", "text.fp32.onnx", "image.int8.onnx", "text.int8.onnx", "tokenizer.json",

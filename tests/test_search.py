@@ -27,14 +27,6 @@ def photo_folder(root, n=10):
     return root
 
 
-@pytest.fixture(scope="module")
-def exported_run(tmp_path_factory, trained_run, runner):
-    run = tmp_path_factory.mktemp("search-export") / "run"
-    shutil.copytree(trained_run, run)
-    run_cli(runner, "quantize", run)
-    return run
-
-
 @pytest.fixture
 def photos(tmp_path):
     return photo_folder(tmp_path / "photos")

@@ -27,14 +27,6 @@ from .conftest import json_of, make_image, run_cli  # noqa: E402
 CAPTIONS = ["a red circle", "a blue square", "a green circle"]
 
 
-@pytest.fixture(scope="module")
-def exported_run(tmp_path_factory, trained_run, runner):
-    run = tmp_path_factory.mktemp("serve-export") / "run"
-    shutil.copytree(trained_run, run)
-    run_cli(runner, "quantize", run)
-    return run
-
-
 def photo_folder(root, runner, run):
     """Six images, two in a subfolder, indexed with the run's int8 model."""
     (root / "sub").mkdir(parents=True)
