@@ -5,20 +5,28 @@ View 0 of an image is the whole image as evaluation sees it (data/pixels.eval_pi
 resized crops at train.crop_scale, seeded by (seed, image). Epoch e trains on view e mod train.tower_views. The
 training step is unchanged: FeatureDataset's samples are (b 1280 features, caption, failures) where PairDataset's
 are (b 3 s s crops, ...), and the tower passes features straight to its projection.
+
+The features are kept in the per-user cache folder beside the decoded images (data/cache.py) as
+ROOT/KEY.features.npy, keyed like the image cache by every image's path, size and modification time plus
+everything that shapes a view, so a second run on the same data starts training at once.
 """
 
 from __future__ import annotations
 
+import hashlib
 import random
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .config import RunConfig
+from .data.cache import FEATURES_SUFFIX, default_root
 from .data.images import CaptionPairs, sample_seed
 from .data.layouts import ImageCaptions
 from .data.pixels import eval_pixels, load_rgb
 from .data.transforms import training_views
+from .run_files import atomic_write
 from .runtime import TorchEncoder
 
 
@@ -61,6 +69,44 @@ def tower_features(backbone: torch.nn.Module, paths: list[Path], config: RunConf
     return torch.cat(out) if out else torch.zeros(0, views, backbone.head.bn.num_features)
 
 
+def feature_key(backbone: torch.nn.Module, paths: list[Path], config: RunConfig, views: int) -> str:
+    tc, data = config.train, config.data
+    shaping = (config.model.image_size, views, tuple(tc.crop_scale), tc.seed, tuple(data.mean), tuple(data.std))
+    digest = hashlib.sha1(f"miniclip-features/1/{shaping}".encode())
+    for name, tensor in backbone.state_dict().items():  # the weights themselves: ~20 ms for Lite0's 4.7 M
+        digest.update(name.encode() + tensor.detach().cpu().contiguous().numpy().tobytes())
+    for path in paths:
+        stat = Path(path).stat()
+        digest.update(f"\0{path}\0{stat.st_size}\0{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()[:20]
+
+
+def cached_tower_features(backbone: torch.nn.Module, paths: list[Path], config: RunConfig, views: int,
+                          device: torch.device, workers: int = 0, progress=None, root: Path | None = None) -> torch.Tensor:
+    """tower_features, read from the feature cache when it holds them, else computed and kept there. A file
+    of the wrong shape or with a non-finite value is computed again; a cache that cannot be written only
+    costs the next run the same pass."""
+    file = Path(root or default_root()) / f"{feature_key(backbone, paths, config, views)}{FEATURES_SUFFIX}"
+    try:
+        kept = np.load(file, allow_pickle=False)
+        if kept.shape == (len(paths), views, backbone.head.bn.num_features) and kept.dtype == np.float32 \
+                and np.isfinite(kept).all():
+            return torch.from_numpy(kept)
+    except (OSError, ValueError):
+        pass
+    computed = tower_features(backbone, paths, config, views, device, workers, progress)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.save(f, computed.numpy(), allow_pickle=False)
+
+    try:
+        atomic_write(file, write)
+    except OSError:
+        pass
+    return computed
+
+
 class FeatureDataset(CaptionPairs):
     """Training pairs of cached features (see the module docstring), drawn as PairDataset draws its pairs."""
 
@@ -98,7 +144,8 @@ def prepare(config: RunConfig, model, train: list[ImageCaptions], val: list[Imag
     tower.load_state_dict(load_pretrained().state_dict())
     tc = config.train
     paths = [item.image for item in train]
-    features = tower_features(tower, paths, config, tc.tower_views, device, workers, progress)
+    compute = cached_tower_features if config.runtime.cache else tower_features
+    features = compute(tower, paths, config, tc.tower_views, device, workers, progress)
     val_paths = [item.image for item in val]
-    val_features = tower_features(tower, val_paths, config, 1, device, workers)
+    val_features = compute(tower, val_paths, config, 1, device, workers)
     return FeatureDataset(train, features, tc.captions, tc.seed), (val_paths, val_features)

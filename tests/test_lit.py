@@ -2,6 +2,7 @@
 eval and ONNX export. A seeded random backbone stands in for the ImageNet weights, so these run without them."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,7 +11,9 @@ from miniclip_cli import efficientnet
 from miniclip_cli.checkpoint import load_run
 from miniclip_cli.config import RunConfig, preset_configs, tiny_model_config
 from miniclip_cli.errors import ConfigError
-from miniclip_cli.features import FeatureDataset, tower_features
+from miniclip_cli import features as feature_cache
+from miniclip_cli.data.cache import cache_entries, clear_cache
+from miniclip_cli.features import FeatureDataset, cached_tower_features, tower_features
 from miniclip_cli.model import FrozenTower, MiniCLIP
 
 from .conftest import json_of, run_cli
@@ -81,6 +84,30 @@ def test_cached_views_and_epochs(tiny_dataset):
         x, caption, failures = dataset[2]
         assert torch.equal(x, features[2, epoch % 3]) and caption in items[2].captions and failures == ()
     assert len(FeatureDataset(items, features, "all", seed=0)) == 8
+
+
+def test_tower_features_are_kept_for_the_next_run_and_recomputed_when_damaged(tiny_dataset, tmp_path, monkeypatch):
+    paths = sorted((tiny_dataset / "Images").glob("*.png"))[:3]
+    backbone, config, cpu = random_lite0(), lit_config(2), torch.device("cpu")
+    first = cached_tower_features(backbone, paths, config, 2, cpu, root=tmp_path)
+    [entry] = cache_entries(tmp_path)
+    assert entry["kind"] == "features" and entry["images"] == 3 and entry["state"] == "ok"
+
+    def not_again(*args, **kwargs):
+        raise AssertionError("computed again although cached")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(feature_cache, "tower_features", not_again)
+        assert torch.equal(cached_tower_features(backbone, paths, config, 2, cpu, root=tmp_path), first)
+    # Other weights, another view count or a damaged file: computed afresh, never the wrong features.
+    other = random_lite0()
+    torch.nn.init.normal_(other.stem.conv.weight)
+    assert not torch.equal(cached_tower_features(other, paths, config, 2, cpu, root=tmp_path), first)
+    assert cached_tower_features(backbone, paths, config, 1, cpu, root=tmp_path).shape == (3, 1, 1280)
+    file = Path(entry["folder"])
+    file.write_bytes(file.read_bytes()[:200])
+    assert torch.equal(cached_tower_features(backbone, paths, config, 2, cpu, root=tmp_path), first)
+    assert len(clear_cache(tmp_path)) == 3 and cache_entries(tmp_path) == []
 
 
 def test_lit_run_loads_without_the_weights_package(lit_run, no_weights_package):

@@ -51,7 +51,8 @@ def cache_command(
         return
     out.print(f"image cache: {root} ({total / 1e6:,.0f} MB in {len(entries)} cached dataset(s))")
     for e in entries:
-        what = f"{e['images']} images at {e['size']} px" if e["images"] is not None else "incomplete"
+        what = ("incomplete" if e["images"] is None else f"image-tower features of {e['images']} images"
+                if e.get("kind") == "features" else f"{e['images']} images at {e['size']} px")
         out.print(f"  {Path(e['folder']).name}  {what}, {e['bytes'] / 1e6:,.0f} MB, {e['state']}")
     if entries:
         out.print("clear it with `miniclip cache --clear`; set MINICLIP_CACHE to move it")

@@ -37,6 +37,7 @@ VERSION = 2  # 2: a CRC-32 per image in the index
 INDEX, PIXELS = "index.json", "pixels.npy"
 STAGING = ".building-"
 ENTRY = re.compile(r"[0-9a-f]{20}")  # a cache_key: --clear removes only folders named like one
+FEATURES_SUFFIX = ".features.npy"  # a frozen image tower's features (features.py): ROOT/KEY.features.npy
 
 
 def cache_size(image_size: int) -> int:
@@ -217,6 +218,9 @@ def cache_entries(root: Path | None = None) -> list[dict]:
     root = Path(root or default_root())
     entries = []
     for folder in sorted(root.iterdir()) if root.is_dir() else ():
+        if folder.name.endswith(FEATURES_SUFFIX) and ENTRY.fullmatch(folder.name[: -len(FEATURES_SUFFIX)]):
+            entries.append(_features_entry(folder))
+            continue
         if folder.is_symlink() or not folder.is_dir() or not (ENTRY.fullmatch(folder.name) or folder.name.startswith(STAGING)):
             continue
         entry = {"folder": str(folder), "bytes": _bytes_in(folder), "images": None, "size": None,
@@ -232,6 +236,19 @@ def cache_entries(root: Path | None = None) -> list[dict]:
     return entries
 
 
+def _features_entry(file: Path) -> dict:
+    entry = {"folder": str(file), "bytes": file.stat().st_size, "images": None, "size": None, "state": "damaged",
+             "kind": "features"}
+    try:
+        with open(file, "rb") as f:
+            np.lib.format.read_magic(f)
+            shape = np.lib.format.read_array_header_1_0(f)[0]
+        entry.update(images=shape[0], state="ok")
+    except (OSError, ValueError, IndexError):
+        pass
+    return entry
+
+
 def clear_cache(root: Path | None = None) -> list[dict]:
     """Remove every cache under `root` (the entries removed). Holds the lock, so a cache being built by another
     process raises BusyError rather than vanishing under it; only folders named like a cache are touched, so
@@ -242,5 +259,8 @@ def clear_cache(root: Path | None = None) -> list[dict]:
     with lock_folder(root, "cache --clear"):
         entries = cache_entries(root)
         for entry in entries:
-            shutil.rmtree(entry["folder"])
+            if entry.get("kind") == "features":
+                Path(entry["folder"]).unlink(missing_ok=True)
+            else:
+                shutil.rmtree(entry["folder"])
     return entries
