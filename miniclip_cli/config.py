@@ -148,6 +148,9 @@ class TrainConfig:
     # crop_scale; epoch e trains on view e mod tower_views. 1 (the whole image only) is the measured recipe
     # (docs/experiments.md); each extra view costs one more pass of the tower over the training images.
     tower_views: int = 1
+    # ... and its last tower_tuned blocks (of 16) train with its 1x1 head, from their cached input rather than the
+    # pooled features; BatchNorm statistics stay ImageNet's. 0: the whole tower frozen.
+    tower_tuned: int = 0
 
     def validate(self) -> None:
         if self.epochs < 1:
@@ -170,6 +173,9 @@ class TrainConfig:
             raise ConfigError(f"train.image_ssl is a loss weight, 0 or more (0: off, e.g. 1.0); got {self.image_ssl}")
         if self.tower_views < 1:
             raise ConfigError(f"train.tower_views must be at least 1 (1: the whole image only), got {self.tower_views}")
+        if not 0 <= self.tower_tuned <= 16:
+            raise ConfigError(f"train.tower_tuned is how many of the image tower's 16 blocks train (0: none), got "
+                              f"{self.tower_tuned}")
         lo, hi = self.crop_scale
         if not 0 < lo <= hi <= 1:
             raise ConfigError(f"crop_scale must satisfy 0 < low <= high <= 1, got {self.crop_scale}")
@@ -250,6 +256,9 @@ class RunConfig:
         self.train.validate()
         self.data.validate()
         self.runtime.validate()
+        if self.model.vision == "vit" and (self.train.tower_views != 1 or self.train.tower_tuned):
+            raise ConfigError("train.tower_views and train.tower_tuned set up a pretrained image tower; with "
+                              "model.vision=vit leave them out (or train with --preset lit)")
         if self.model.vision != "vit" and self.train.image_ssl:
             raise ConfigError("train.image_ssl needs an image tower that learns; with model.vision="
                               f"{self.model.vision} (frozen) use --set train.image_ssl=0")

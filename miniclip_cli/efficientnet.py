@@ -105,8 +105,18 @@ class EfficientNetLite0(nn.Module):
         self.classifier = nn.Linear(FEATURES, CLASSES) if classifier else None
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.head(self.blocks(self.stem(images)))  # b 1280 s/32 s/32
-        return x.mean(dim=(2, 3))  # global average pool: b 1280
+        return self.start(images)
+
+    def start(self, images: torch.Tensor, tuned: int = 0) -> torch.Tensor:
+        """What stays frozen while the last `tuned` blocks and the head train: b 3 s s -> the input of those
+        blocks (b c h w), or with none tuned the pooled features (b 1280)."""
+        x = self.blocks[: len(self.blocks) - tuned](self.stem(images))
+        return x if tuned else self.finish(x, 0)
+
+    def finish(self, x: torch.Tensor, tuned: int) -> torch.Tensor:
+        """start(images, tuned) -> b 1280: the last `tuned` blocks, the head, the global average pool."""
+        x = self.head(self.blocks[len(self.blocks) - tuned:](x) if tuned else x)  # b 1280 s/32 s/32
+        return x.mean(dim=(2, 3))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.features(images)

@@ -52,7 +52,8 @@ class _Views(torch.utils.data.Dataset):
 
 def tower_features(backbone: torch.nn.Module, paths: list[Path], config: RunConfig, views: int, device: torch.device,
                    workers: int = 0, progress=None, batch_images: int = 32) -> torch.Tensor:
-    """n v 1280: the frozen backbone's pooled features of `views` views of each image, on the CPU."""
+    """n v 1280: the frozen backbone's pooled features of `views` views of each image, on the CPU; with
+    train.tower_tuned blocks tuned, n v c h w: those blocks' input."""
     tc = config.train
     data = _Views(paths, views, config.model.image_size, config.data.mean, config.data.std, tc.crop_scale, tc.seed)
     loader = torch.utils.data.DataLoader(data, batch_size=batch_images, num_workers=workers)
@@ -61,8 +62,9 @@ def tower_features(backbone: torch.nn.Module, paths: list[Path], config: RunConf
     with torch.no_grad():
         for crops in loader:  # b v c s s
             b = len(crops)
-            features = backbone(crops.flatten(0, 1).to(device))  # '(b v) c s s -> (b v) 1280'
-            out.append(features.float().cpu().view(b, views, -1))  # '(b v) f -> b v f'
+            # '(b v) c s s -> (b v) 1280', or the tuned blocks' input '(b v) c h w'
+            features = backbone.start(crops.flatten(0, 1).to(device), config.train.tower_tuned)
+            out.append(features.float().cpu().view(b, views, *features.shape[1:]))  # '(b v) ... -> b v ...'
             done += b
             if progress:
                 progress(done, len(paths))
@@ -71,7 +73,8 @@ def tower_features(backbone: torch.nn.Module, paths: list[Path], config: RunConf
 
 def feature_key(backbone: torch.nn.Module, paths: list[Path], config: RunConfig, views: int) -> str:
     tc, data = config.train, config.data
-    shaping = (config.model.image_size, views, tuple(tc.crop_scale), tc.seed, tuple(data.mean), tuple(data.std))
+    shaping = (config.model.image_size, views, tc.tower_tuned, tuple(tc.crop_scale), tc.seed, tuple(data.mean),
+               tuple(data.std))
     digest = hashlib.sha1(f"miniclip-features/1/{shaping}".encode())
     for name, tensor in backbone.state_dict().items():  # the weights themselves: ~20 ms for Lite0's 4.7 M
         digest.update(name.encode() + tensor.detach().cpu().contiguous().numpy().tobytes())
@@ -89,8 +92,8 @@ def cached_tower_features(backbone: torch.nn.Module, paths: list[Path], config: 
     file = Path(root or default_root()) / f"{feature_key(backbone, paths, config, views)}{FEATURES_SUFFIX}"
     try:
         kept = np.load(file, allow_pickle=False)
-        if kept.shape == (len(paths), views, backbone.head.bn.num_features) and kept.dtype == np.float32 \
-                and np.isfinite(kept).all():
+        if kept.shape[:2] == (len(paths), views) and kept.ndim == (3 if not config.train.tower_tuned else 5) \
+                and kept.dtype == np.float32 and np.isfinite(kept).all():
             return torch.from_numpy(kept)
     except (OSError, ValueError):
         pass

@@ -76,7 +76,8 @@ class VisionTransformer(nn.Module):
 
 class FrozenTower(nn.Module):
     """A pretrained backbone, frozen (weights and BatchNorm statistics), and a trained 2-layer MLP to the shared
-    space. Takes images (b 3 s s) or the backbone's pooled features (b 1280), which training caches (features.py).
+    space. Takes images (b 3 s s) or what training caches of them (features.py): the backbone's pooled features
+    (b 1280), or with its last blocks tuned (tune) those blocks' input (b c h w).
 
     Built with random backbone weights: training loads the ImageNet ones (efficientnet.load_pretrained), and a
     saved run holds them, so loading a run needs neither the weights package nor any flag."""
@@ -86,6 +87,14 @@ class FrozenTower(nn.Module):
         self.backbone = EfficientNetLite0().requires_grad_(False)
         self.proj = nn.Sequential(nn.Linear(FEATURES, c.vision_width), nn.GELU(), nn.Dropout(c.dropout),
                                   nn.Linear(c.vision_width, c.embed_dim, bias=False))
+        self.tuned = 0  # the backbone's last blocks that train with the head (TrainConfig.tower_tuned)
+
+    def tune(self, blocks: int) -> None:
+        """Train the backbone's last `blocks` blocks and its head too (0: none); BatchNorm statistics stay."""
+        self.tuned = blocks
+        backbone = self.backbone
+        for module in (*backbone.blocks[len(backbone.blocks) - blocks:], backbone.head) if blocks else ():
+            module.requires_grad_(True)
 
     def train(self, mode: bool = True) -> FrozenTower:
         super().train(mode)
@@ -93,9 +102,11 @@ class FrozenTower(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.ndim == 4:  # images: b 3 s s -> b 1280
+        if x.ndim == 4 and x.shape[1] == 3:  # images (no block of the backbone takes 3 channels)
             with torch.no_grad():
-                x = self.backbone(x)
+                x = self.backbone.start(x, self.tuned)
+        if x.ndim == 4:  # the tuned blocks' input -> b 1280
+            x = self.backbone.finish(x, self.tuned)
         return self.proj(x)  # b 1280 -> b embed_dim
 
 

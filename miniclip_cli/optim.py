@@ -3,6 +3,7 @@ the learning-rate schedule, and the moving average of the weights."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -45,8 +46,7 @@ class MovingAverage:
 
     def __init__(self, model: MiniCLIP, decay: float):
         self.decay = decay
-        self.model = MiniCLIP(model.config).to(next(model.parameters()).device).eval()
-        self.model.load_state_dict(model.state_dict())
+        self.model = copy.deepcopy(model).eval()  # a copy keeps how it was set up to train (FrozenTower.tune)
         self.model.requires_grad_(False)
 
     @torch.no_grad()

@@ -164,6 +164,8 @@ def fit(config: RunConfig, tokenizer: Tokenizer, train_items: list[ImageCaptions
     tc = config.train
     torch.manual_seed(tc.seed)
     model = MiniCLIP(config.model).to(device)
+    if isinstance(model.visual, FrozenTower):
+        model.visual.tune(tc.tower_tuned)
     contrastive, pieces = objectives.build(config)
     trainee = Trainee(model, pieces).to(device)
     optimizer = make_optimizer([model, trainee.objectives], tc)

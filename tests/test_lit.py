@@ -155,3 +155,34 @@ def test_runs_from_before_the_vision_setting_still_resume(tmp_path):
     config.model.vision = "efficientnet_lite0"
     with pytest.raises(ConfigError, match="model.vision 'vit' -> 'efficientnet_lite0'"):
         check_unchanged({"config": old}, {"config": recipe(config)}, tmp_path)
+
+
+def test_tuning_the_last_blocks_trains_them_from_their_cached_input(tiny_dataset):
+    config = lit_config(1)
+    config.train.tower_tuned = 2
+    model = MiniCLIP(config.model)
+    model.visual.backbone.load_state_dict(random_lite0().state_dict())
+    model.visual.tune(2)
+    trained = {n for n, p in model.visual.backbone.named_parameters() if p.requires_grad}
+    assert trained and all(n.startswith(("blocks.14.", "blocks.15.", "head.")) for n in trained)
+    paths = sorted((tiny_dataset / "Images").glob("*.png"))[:2]
+    cached = tower_features(model.visual.backbone, paths, config, 1, torch.device("cpu"))
+    assert cached.ndim == 5 and cached.shape[:2] == (2, 1)  # n v c h w: block 14's input
+    from miniclip_cli.data.pixels import eval_pixels
+
+    size, mean, std = config.model.image_size, config.data.mean, config.data.std
+    images = torch.stack([torch.from_numpy(eval_pixels(p, size, mean, std)) for p in paths])
+    model.eval()
+    with torch.no_grad():  # from the cached input or from the images: the same features
+        assert torch.allclose(model.encode_image(cached[:, 0]), model.encode_image(images), atol=1e-5)
+    model.train()
+    model.encode_image(cached[:, 0]).sum().backward()
+    assert model.visual.backbone.head.conv.weight.grad is not None
+    assert model.visual.backbone.blocks[13].project.conv.weight.grad is None
+
+
+def test_tower_settings_need_a_pretrained_tower():
+    config = RunConfig(model=tiny_model_config())
+    config.train.tower_tuned = 1
+    with pytest.raises(ConfigError, match="tower_tuned"):
+        config.validate()
