@@ -13,6 +13,7 @@ everything that shapes a view, so a second run on the same data starts training 
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import random
 from pathlib import Path
@@ -58,12 +59,14 @@ def tower_features(backbone: torch.nn.Module, paths: list[Path], config: RunConf
     data = _Views(paths, views, config.model.image_size, config.data.mean, config.data.std, tc.crop_scale, tc.seed)
     loader = torch.utils.data.DataLoader(data, batch_size=batch_images, num_workers=workers)
     out, done = [], 0
-    backbone.eval()
+    # A channels-last copy: its depthwise convolutions run ~1.4x faster on a CPU (the saved weights stay as they are)
+    net = copy.deepcopy(backbone).eval().to(memory_format=torch.channels_last)
     with torch.no_grad():
         for crops in loader:  # b v c s s
             b = len(crops)
+            crops = crops.flatten(0, 1).to(device).contiguous(memory_format=torch.channels_last)
             # '(b v) c s s -> (b v) 1280', or the tuned blocks' input '(b v) c h w'
-            features = backbone.start(crops.flatten(0, 1).to(device), config.train.tower_tuned)
+            features = net.start(crops, config.train.tower_tuned).contiguous()
             out.append(features.float().cpu().view(b, views, *features.shape[1:]))  # '(b v) ... -> b v ...'
             done += b
             if progress:
