@@ -326,11 +326,18 @@ def index_folder(folder: str | Path, encoder: Encoder, index_path: str | Path | 
 
     if progress:
         progress(0, len(todo))
+    batches = [todo[start:start + batch_size] for start in range(0, len(todo), batch_size)]
     with ThreadPoolExecutor(max_workers=4) as pool:  # PIL decodes outside the GIL
+
+        def decode(batch: list[str]) -> list:
+            return [pool.submit(_pixels_or_problem, root / rel, encoder) for rel in batch]
+
         try:
-            for start in range(0, len(todo), batch_size):
-                batch = todo[start:start + batch_size]
-                loaded = list(pool.map(lambda rel: _pixels_or_problem(root / rel, encoder), batch))
+            pending = decode(batches[0]) if batches else []
+            for number, batch in enumerate(batches):
+                loaded = [future.result() for future in pending]
+                # The next batch decodes while this one is embedded.
+                pending = decode(batches[number + 1]) if number + 1 < len(batches) else []
                 good = [i for i, x in enumerate(loaded) if not isinstance(x, str)]
                 for i, x in enumerate(loaded):
                     if isinstance(x, str):
@@ -341,7 +348,7 @@ def index_folder(folder: str | Path, encoder: Encoder, index_path: str | Path | 
                     new_paths.extend(batch[i] for i in good)
                     new_stats.extend(files[batch[i]] for i in good)
                 if progress:
-                    progress(min(start + batch_size, len(todo)), len(todo))
+                    progress(min((number + 1) * batch_size, len(todo)), len(todo))
                 if time.monotonic() - saved_at >= SAVE_COST_RATIO * save_seconds:
                     save()
         finally:
