@@ -21,7 +21,8 @@ def cache_command(
     """Show where the decoded-image cache lives, how much disk it takes and what it holds; --clear removes it.
 
     `miniclip train` decodes a dataset's images once into this cache (hundreds of MB for Flickr8k)
-    and reads them from it in later epochs and runs. It lives in your user cache folder (~/.cache/miniclip on
+    and reads them from it in later epochs and runs; with a pretrained image tower (--preset lit) the
+    tower's features of the images are kept here too. It lives in your user cache folder (~/.cache/miniclip on
     Linux, ~/Library/Caches/miniclip on macOS, %LOCALAPPDATA%/miniclip/cache on Windows); set MINICLIP_CACHE
     to move it, or train with --no-cache to do without it.
 
