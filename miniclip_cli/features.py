@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from .config import RunConfig
-from .data.cache import FEATURES_SUFFIX, default_root
+from .data.cache import FEATURES_SUFFIX, cache_key, default_root
 from .data.images import CaptionPairs, sample_seed
 from .data.layouts import ImageCaptions
 from .data.pixels import eval_pixels, load_rgb
@@ -76,15 +76,11 @@ def tower_features(backbone: torch.nn.Module, paths: list[Path], config: RunConf
 
 def feature_key(backbone: torch.nn.Module, paths: list[Path], config: RunConfig, views: int) -> str:
     tc, data = config.train, config.data
-    shaping = (config.model.image_size, views, tc.tower_tuned, tuple(tc.crop_scale), tc.seed, tuple(data.mean),
-               tuple(data.std))
-    digest = hashlib.sha1(f"miniclip-features/1/{shaping}".encode())
+    weights = hashlib.sha1()
     for name, tensor in backbone.state_dict().items():  # the weights themselves: ~20 ms for Lite0's 4.7 M
-        digest.update(name.encode() + tensor.detach().cpu().contiguous().numpy().tobytes())
-    for path in paths:
-        stat = Path(path).stat()
-        digest.update(f"\0{path}\0{stat.st_size}\0{stat.st_mtime_ns}".encode())
-    return digest.hexdigest()[:20]
+        weights.update(name.encode() + tensor.detach().cpu().contiguous().numpy().tobytes())
+    shaping = (views, tc.tower_tuned, tuple(tc.crop_scale), tc.seed, tuple(data.mean), tuple(data.std))
+    return cache_key(paths, config.model.image_size, f"/features/1/{shaping}/{weights.hexdigest()}")
 
 
 def cached_tower_features(backbone: torch.nn.Module, paths: list[Path], config: RunConfig, views: int,
@@ -95,8 +91,8 @@ def cached_tower_features(backbone: torch.nn.Module, paths: list[Path], config: 
     file = Path(root or default_root()) / f"{feature_key(backbone, paths, config, views)}{FEATURES_SUFFIX}"
     try:
         kept = np.load(file, allow_pickle=False)
-        if kept.shape[:2] == (len(paths), views) and kept.ndim == (3 if not config.train.tower_tuned else 5) \
-                and kept.dtype == np.float32 and np.isfinite(kept).all():
+        # The key names the images, views and layer; a file cut short fails to load or has too few rows.
+        if kept.shape[:2] == (len(paths), views) and kept.dtype == np.float32 and np.isfinite(kept).all():
             return torch.from_numpy(kept)
     except (OSError, ValueError):
         pass

@@ -57,8 +57,9 @@ def default_root() -> Path:
     return (Path(xdg) if os.path.isabs(xdg) else home / ".cache") / "miniclip"
 
 
-def cache_key(paths: list[Path], size: int) -> str:
-    digest = hashlib.sha1(f"miniclip-cache/{VERSION}/{size}".encode())
+def cache_key(paths: list[Path], size: int, salt: str = "") -> str:
+    """`salt`: whatever else shapes what is cached (features.py: the tower's weights and the views)."""
+    digest = hashlib.sha1(f"miniclip-cache/{VERSION}/{size}{salt}".encode())
     for path in paths:
         stat = Path(path).stat()
         digest.update(f"\0{path}\0{stat.st_size}\0{stat.st_mtime_ns}".encode())
