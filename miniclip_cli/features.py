@@ -3,7 +3,7 @@ views of every image and kept, so an epoch costs what the text tower and the pro
 
 View 0 of an image is the whole image as evaluation sees it (data/pixels.eval_pixels); views 1.. are random
 resized crops at train.crop_scale, seeded by (seed, image). Epoch e trains on view e mod train.tower_views. The
-training step is unchanged: FeatureDataset's samples are (b 1280 features, caption, failures) where PairDataset's
+training step is unchanged: FeatureDataset's samples are (b 1280 features, caption, failures, index) where PairDataset's
 are (b 3 s s crops, ...), and the tower passes features straight to its projection.
 
 The features are kept in the per-user cache folder beside the decoded images (data/cache.py) as
@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,33 +32,53 @@ from .run_files import atomic_write
 from .runtime import TorchEncoder
 
 
-class _Views(torch.utils.data.Dataset):
-    """Each image's `views` crops, v c s s: the evaluation input, then random crops."""
+@dataclass(frozen=True)
+class TowerInput:
+    """What the frozen tower sees of each image: `views` views at `size` px normalised by mean/std, view 0 the
+    whole image as evaluation sees it, the others random crops at crop_scale seeded by (seed, image); and the
+    layer it is read at (tuned > 0: the input of its last `tuned` blocks, else the pooled features)."""
 
-    def __init__(self, paths: list[Path], views: int, size: int, mean, std, crop_scale, seed: int):
-        self.paths, self.views, self.size, self.mean, self.std = paths, views, size, mean, std
-        self.crop_scale, self.seed = tuple(crop_scale), seed
+    size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    views: int = 1
+    crop_scale: tuple[float, float] = (0.5, 1.0)
+    seed: int = 0
+    tuned: int = 0
+
+    @classmethod
+    def of_run(cls, config: RunConfig, views: int) -> TowerInput:
+        """The run's own image tower (model.vision=efficientnet_lite0): its image size and normalisation."""
+        tc = config.train
+        return cls(config.model.image_size, tuple(config.data.mean), tuple(config.data.std), views,
+                   tuple(tc.crop_scale), tc.seed, tc.tower_tuned)
+
+
+class _Views(torch.utils.data.Dataset):
+    """Each image's views, v c s s (TowerInput)."""
+
+    def __init__(self, paths: list[Path], seen: TowerInput):
+        self.paths, self.seen = paths, seen
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        first = torch.from_numpy(eval_pixels(self.paths[index], self.size, self.mean, self.std))[None]  # 1 c s s
-        if self.views == 1:
+        seen = self.seen
+        first = torch.from_numpy(eval_pixels(self.paths[index], seen.size, seen.mean, seen.std))[None]  # 1 c s s
+        if seen.views == 1:
             return first
-        rngs = [random.Random(sample_seed(self.seed, index, v)) for v in range(1, self.views)]
-        crops = training_views(load_rgb(self.paths[index]), self.size, self.mean, self.std,
-                               (self.crop_scale,) * len(rngs), rngs)
+        rngs = [random.Random(sample_seed(seen.seed, index, v)) for v in range(1, seen.views)]
+        crops = training_views(load_rgb(self.paths[index]), seen.size, seen.mean, seen.std,
+                               (seen.crop_scale,) * len(rngs), rngs)
         return torch.cat([first, crops.reshape(len(rngs), *first.shape[1:])])  # v c s s
 
 
-def tower_features(backbone: torch.nn.Module, paths: list[Path], config: RunConfig, views: int, device: torch.device,
+def tower_features(backbone: torch.nn.Module, paths: list[Path], seen: TowerInput, device: torch.device,
                    workers: int = 0, progress=None, batch_images: int = 32) -> torch.Tensor:
-    """n v 1280: the frozen backbone's pooled features of `views` views of each image, on the CPU; with
-    train.tower_tuned blocks tuned, n v c h w: those blocks' input."""
-    tc = config.train
-    data = _Views(paths, views, config.model.image_size, config.data.mean, config.data.std, tc.crop_scale, tc.seed)
-    loader = torch.utils.data.DataLoader(data, batch_size=batch_images, num_workers=workers)
+    """n v 1280: the frozen backbone's pooled features of each image's views, on the CPU; with seen.tuned
+    blocks tuned, n v c h w: those blocks' input."""
+    loader = torch.utils.data.DataLoader(_Views(paths, seen), batch_size=batch_images, num_workers=workers)
     out, done = [], 0
     # A channels-last copy: its depthwise convolutions run ~1.4x faster on a CPU (the saved weights stay as they are)
     net = copy.deepcopy(backbone).eval().to(memory_format=torch.channels_last)
@@ -66,37 +87,36 @@ def tower_features(backbone: torch.nn.Module, paths: list[Path], config: RunConf
             b = len(crops)
             crops = crops.flatten(0, 1).to(device).contiguous(memory_format=torch.channels_last)
             # '(b v) c s s -> (b v) 1280', or the tuned blocks' input '(b v) c h w'
-            features = net.start(crops, config.train.tower_tuned).contiguous()
-            out.append(features.float().cpu().view(b, views, *features.shape[1:]))  # '(b v) ... -> b v ...'
+            features = net.start(crops, seen.tuned).contiguous()
+            out.append(features.float().cpu().view(b, seen.views, *features.shape[1:]))  # '(b v) ... -> b v ...'
             done += b
             if progress:
                 progress(done, len(paths))
-    return torch.cat(out) if out else torch.zeros(0, views, backbone.head.bn.num_features)
+    return torch.cat(out) if out else torch.zeros(0, seen.views, backbone.head.bn.num_features)
 
 
-def feature_key(backbone: torch.nn.Module, paths: list[Path], config: RunConfig, views: int) -> str:
-    tc, data = config.train, config.data
+def feature_key(backbone: torch.nn.Module, paths: list[Path], seen: TowerInput) -> str:
     weights = hashlib.sha1()
     for name, tensor in backbone.state_dict().items():  # the weights themselves: ~20 ms for Lite0's 4.7 M
         weights.update(name.encode() + tensor.detach().cpu().contiguous().numpy().tobytes())
-    shaping = (views, tc.tower_tuned, tuple(tc.crop_scale), tc.seed, tuple(data.mean), tuple(data.std))
-    return cache_key(paths, config.model.image_size, f"/features/1/{shaping}/{weights.hexdigest()}")
+    shaping = (seen.views, seen.tuned, tuple(seen.crop_scale), seen.seed, tuple(seen.mean), tuple(seen.std))
+    return cache_key(paths, seen.size, f"/features/1/{shaping}/{weights.hexdigest()}")
 
 
-def cached_tower_features(backbone: torch.nn.Module, paths: list[Path], config: RunConfig, views: int,
-                          device: torch.device, workers: int = 0, progress=None, root: Path | None = None) -> torch.Tensor:
+def cached_tower_features(backbone: torch.nn.Module, paths: list[Path], seen: TowerInput, device: torch.device,
+                          workers: int = 0, progress=None, root: Path | None = None) -> torch.Tensor:
     """tower_features, read from the feature cache when it holds them, else computed and kept there. A file
     of the wrong shape or with a non-finite value is computed again; a cache that cannot be written only
     costs the next run the same pass."""
-    file = Path(root or default_root()) / f"{feature_key(backbone, paths, config, views)}{FEATURES_SUFFIX}"
+    file = Path(root or default_root()) / f"{feature_key(backbone, paths, seen)}{FEATURES_SUFFIX}"
     try:
         kept = np.load(file, allow_pickle=False)
         # The key names the images, views and layer; a file cut short fails to load or has too few rows.
-        if kept.shape[:2] == (len(paths), views) and kept.dtype == np.float32 and np.isfinite(kept).all():
+        if kept.shape[:2] == (len(paths), seen.views) and kept.dtype == np.float32 and np.isfinite(kept).all():
             return torch.from_numpy(kept)
     except (OSError, ValueError):
         pass
-    computed = tower_features(backbone, paths, config, views, device, workers, progress)
+    computed = tower_features(backbone, paths, seen, device, workers, progress)
 
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
@@ -118,7 +138,7 @@ class FeatureDataset(CaptionPairs):
 
     def __getitem__(self, index: int) -> tuple:
         image, caption = self.caption(index, random.Random(sample_seed(self.seed, self.epoch, index)))
-        return self.features[image, self.epoch % self.features.shape[1]], caption, ()
+        return self.features[image, self.epoch % self.features.shape[1]], caption, (), image
 
 
 class FeatureEncoder(TorchEncoder):
@@ -147,7 +167,7 @@ def prepare(config: RunConfig, model, train: list[ImageCaptions], val: list[Imag
     tc = config.train
     paths = [item.image for item in train]
     compute = cached_tower_features if config.runtime.cache else tower_features
-    features = compute(tower, paths, config, tc.tower_views, device, workers, progress)
+    features = compute(tower, paths, TowerInput.of_run(config, tc.tower_views), device, workers, progress)
     val_paths = [item.image for item in val]
-    val_features = compute(tower, val_paths, config, 1, device, workers)
+    val_features = compute(tower, val_paths, TowerInput.of_run(config, 1), device, workers)
     return FeatureDataset(train, features, tc.captions, tc.seed), (val_paths, val_features)

@@ -9,10 +9,12 @@ prepares for it, and its loss), one line in OBJECTIVES, a weight in config.Train
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .config import RunConfig
 from .data.transforms import distort
+from .errors import ConfigError
 from .loss import clip_loss, distill_loss, image_ssl_loss, siglip_loss
 
 
@@ -39,7 +41,9 @@ class Objective(nn.Module):
     """A loss on one micro-batch, added to the contrastive one times `weight`.
 
     views:     crop scales of extra views of every image this objective needs (beside the captions' crop)
-    prepare:   runs in the loader on the batch's captions; what it returns reaches `forward` as `prepared`
+    setup:     sees the training images once before the first epoch, e.g. to compute what it keeps per image
+    prepare:   runs in the loader on the batch's captions and its images' indices among the training images
+               (None for shards); what it returns reaches `forward` as `prepared`
     transform: changes its views on the training device, e.g. photometric distortions
     forward:   (the micro-batch's outputs, what `prepare` gave) -> its loss
     """
@@ -52,7 +56,10 @@ class Objective(nn.Module):
         self.weight = weight
         self.first_view = 1  # where its views start among a batch's views; set by `build`
 
-    def prepare(self, captions: list[str]):
+    def setup(self, items: list, device: torch.device, workers: int, progress=None, cache: bool = True) -> None:
+        pass
+
+    def prepare(self, captions: list[str], images: list[int | None]):
         return None
 
     def transform(self, views: torch.Tensor, mean, std, generator: torch.Generator) -> torch.Tensor:
@@ -74,11 +81,47 @@ class CaptionDistillation(Objective):
 
         self.teacher = CaptionTeacher()
 
-    def prepare(self, captions):
+    def prepare(self, captions, images):
         return self.teacher(captions)
 
     def forward(self, outputs, prepared):
         return distill_loss(outputs["text"], prepared)
+
+
+class TowerDistillation(Objective):
+    """Teaches the image tower which images are alike from the frozen ImageNet EfficientNet-Lite0 (--preset
+    distill): loss.distill_loss between the model's image features of a batch and the pretrained tower's pooled
+    features of the same images, so only similarities are matched and no projection is learnt. The tower sees
+    each training image whole at its own 160 px, once, before the first epoch (the feature cache of features.py
+    keeps it for the next run); the features are centred on their mean over the training images, which spreads
+    their cosines (all-positive ReLU6 features of any two photos are alike). Only training needs the tower and
+    its weights package; the saved model is the plain ViT."""
+
+    name = "tower_distill"
+
+    def __init__(self, weight: float):
+        super().__init__(weight)
+        self.features: torch.Tensor | None = None  # n 1280, unit length: the teacher's, one row per training image
+
+    def setup(self, items, device, workers, progress=None, cache=True):
+        from .config import TF_MEAN, TF_STD, TOWER_SIZE
+        from .data.shards import ShardSet
+        from .efficientnet import load_pretrained
+        from .features import TowerInput, cached_tower_features, tower_features
+
+        if isinstance(items, ShardSet):
+            raise ConfigError("train.tower_distill keeps the pretrained tower's features of every training image; "
+                              "train on an image dataset (a captions file), not on shards")
+        compute = cached_tower_features if cache else tower_features
+        seen = TowerInput(TOWER_SIZE, TF_MEAN, TF_STD)
+        features = compute(load_pretrained(), [item.image for item in items], seen, device, workers, progress)[:, 0]
+        self.features = F.normalize(features - features.mean(0), dim=-1)
+
+    def prepare(self, captions, images):
+        return self.features[images]
+
+    def forward(self, outputs, prepared):
+        return distill_loss(outputs["image"], prepared)
 
 
 class ImageSSLHead(nn.Module):
@@ -129,6 +172,7 @@ CONTRASTIVE = {"clip": Contrastive, "siglip": SigLip}
 OBJECTIVES = {
     "distill": lambda weight, config: CaptionDistillation(weight),
     "image_ssl": lambda weight, config: ImageSSL(weight, config.model.embed_dim),
+    "tower_distill": lambda weight, config: TowerDistillation(weight),
 }
 
 

@@ -167,9 +167,11 @@ def fit(config: RunConfig, tokenizer: Tokenizer, train_items: list[ImageCaptions
     if isinstance(model.visual, FrozenTower):
         model.visual.tune(tc.tower_tuned)
     contrastive, pieces = objectives.build(config)
+    workers = pick_workers(config, device)
+    for piece in pieces:
+        piece.setup(train_items, device, workers, callbacks.on_cache_progress, config.runtime.cache)
     trainee = Trainee(model, pieces).to(device)
     optimizer = make_optimizer([model, trainee.objectives], tc)
-    workers = pick_workers(config, device)
     collate = Collate(tokenizer, config.model.context_length, tuple(o.prepare for o in pieces))
     # Objectives' views after the captions' crop, and the transforms they want on them, in batch order.
     extra_views = objectives.crop_scales(config, pieces)[1:]

@@ -274,8 +274,8 @@ def _read_back(shard_set, captions: str, world_size: int = 2, workers: int = 2) 
         dataset = ShardDataset(shard_set, 16, mean, std, (0.5, 1.0), captions, seed=3, rank=rank,
                                world_size=world_size, passes=1)
         loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers)
-        for image, caption, failures in loader:
-            assert not failures
+        for image, caption, failures, index in loader:
+            assert not failures and index is None
             pairs.append((caption, tuple(np.round(image.mean(dim=(1, 2)).numpy() * 255).astype(int))))
     return pairs
 
@@ -302,7 +302,7 @@ def test_shard_stream_is_seeded_endless_and_resumable(tmp_path):
     dataset = ShardDataset(shard_set, 16, (0.5,) * 3, (0.5,) * 3, (0.5, 1.0), "one", seed=1, batch_size=2)
 
     def captions(count):
-        return [caption for _, caption, _ in itertools.islice(dataset, count)]
+        return [caption for _, caption, _, _ in itertools.islice(dataset, count)]
 
     stream = captions(25)
     assert len(stream) == 25  # past the 10 samples of one pass, the stream goes on

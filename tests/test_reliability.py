@@ -140,9 +140,10 @@ def test_a_sample_that_fails_mid_epoch_is_replaced_deterministically(tmp_path, t
     good = [ImageCaptions(p, (p.stem,), None) for p in sorted((tiny_dataset / "Images").glob("*.png"))[:6]]
     broken = ImageCaptions(truncated_jpeg(tmp_path / "broken.jpg"), ("broken",), None)
     dataset = PairDataset(good + [broken], 32, (0.5,) * 3, (0.5,) * 3, (0.5, 1.0), "one", seed=0)
-    image, caption, failures = dataset[6]
+    image, caption, failures, index = dataset[6]
     again = dataset[6]
     assert caption != "broken" and caption == again[1] and torch.equal(image, again[0])
+    assert index != 6 and caption == good[index].captions[0]  # the replacement's own index
     assert len(failures) == 1 and "broken.jpg" in failures[0]
     assert dataset[0][2] == ()
 

@@ -24,15 +24,15 @@ from .transforms import DeviceCrops
 class Collate:
     """Stacks a batch's images (or, for crops cut on the device, its cached pixels and crop boxes) and tokenises
     its captions, padded to the batch's longest; passes on the messages of the samples PairDataset had to
-    replace or ShardDataset had to skip, and what each objective's `prepare` makes of the captions (the
-    caption teacher's embeddings, say), None for objectives that prepare nothing."""
+    replace or ShardDataset had to skip, and what each objective's `prepare` makes of the captions and the
+    images' indices (the caption teacher's embeddings, say), None for objectives that prepare nothing."""
 
     tokenizer: Tokenizer
     context_length: int
     preparers: tuple = ()
 
     def __call__(self, batch):
-        images, captions, failures = zip(*batch)
+        images, captions, failures, which = zip(*batch)
         if isinstance(images[0], tuple):  # cached pixels and crop boxes, cut on the training device
             pixels, boxes = zip(*images)
             images = DeviceCrops(torch.stack(pixels), torch.stack(boxes))
@@ -41,7 +41,7 @@ class Collate:
             if images.ndim == 5:  # b v c s s: each image's views
                 images = images.transpose(0, 1).flatten(0, 1)  # 'b v c s s -> (v b) c s s'
         ids, lengths = self.tokenizer.encode(list(captions), self.context_length)
-        prepared = [prepare(list(captions)) for prepare in self.preparers]
+        prepared = [prepare(list(captions), list(which)) for prepare in self.preparers]
         return images, torch.from_numpy(ids), torch.from_numpy(lengths), [m for f in failures for m in f], prepared
 
 

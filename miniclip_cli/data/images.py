@@ -68,8 +68,9 @@ class PairDataset(CaptionPairs):
     """Training pairs. captions="one": an item per image, its caption drawn anew each epoch; "all": an item per
     (image, caption) pair. Call set_epoch before each epoch's loader is made.
 
-    Each sample is (image c s s, or v c s s with extra views, caption, failures): the crop at `crop_scale` that
-    the caption sees, then one crop per entry of `extra_views` (crop scales an objective asked for).
+    Each sample is (image c s s, or v c s s with extra views, caption, failures, image index): the crop at
+    `crop_scale` that the caption sees, then one crop per entry of `extra_views` (crop scales an objective asked
+    for); the index (into `items`) lets an objective look up what it keeps per image.
 
     The up-front image check (data/checks.py) cannot see everything: a file damaged inside its
     data, or changed while training runs. A sample whose image fails to load is replaced by another, picked
@@ -91,8 +92,8 @@ class PairDataset(CaptionPairs):
         failures: list[str] = []
         for attempt in range(MAX_REPLACEMENTS + 1):
             try:
-                image, caption = self._pair(index)
-                return image, caption, tuple(failures)
+                image, caption, which = self._pair(index)
+                return image, caption, tuple(failures), which
             except DataError as exc:
                 failures.append(str(exc))
                 if len(self) == 1:
@@ -113,13 +114,13 @@ class PairDataset(CaptionPairs):
             # the cache is square: all of it where ten draws missed
             boxes = [crop_box(w, h, scale, rng) or (0, 0, w, h) for scale, rng in zip(self.crop_scales, rngs)]
             return (torch.from_numpy(pixels), torch.tensor(boxes[0] if len(boxes) == 1 else boxes,
-                                                            dtype=torch.float32)), caption
+                                                            dtype=torch.float32)), caption, image_index
         image = self.cache.image(image_index) if self.cache is not None else load_rgb(item.image)
-        return training_views(image, self.size, self.mean, self.std, self.crop_scales, rngs), caption
+        return training_views(image, self.size, self.mean, self.std, self.crop_scales, rngs), caption, image_index
 
 
 class ShardDataset(torch.utils.data.IterableDataset):
-    """Training pairs streamed from shards: (image c s s, caption(s), failures), as PairDataset gives them.
+    """Training pairs streamed from shards: (image c s s, caption(s), failures, None), as PairDataset gives them.
 
     The consumers are every (rank, loader worker); with at least as many shards as consumers each reads whole
     shards (shard i goes to consumer i mod consumers), else each reads every shard and keeps the samples whose
@@ -228,7 +229,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
                         raise DataError(f"{len(failures)} training samples in a row could not be used (last: "
                                         f"{failures[-1]}); check the shards") from None
                     continue
-                yield views, caption, tuple(failures)
+                yield views, caption, tuple(failures), None  # a shard's sample has no index among the images
                 failures = []
             if not usable:
                 raise DataError(f"{self.shard_set.spec}: loader {consumer} of {consumers} got no usable samples "

@@ -89,6 +89,7 @@ class TrainProgress:
         self.progress.update(self.cache_task, completed=done)
         if done >= total:  # built: on_start's line says how long it took, and the bar would stay for the whole run
             self.progress.remove_task(self.cache_task)
+            self.cache_task = None  # a second cache (a teacher's features, then the decoded images) gets its own bar
 
     def on_checkpoint(self, path: Path):
         pass
