@@ -136,8 +136,8 @@ def bench_training(items, tokenizer, config, device, steps: int = 5, warmup: int
     # As `miniclip train` reads them: from the decoded-image cache (built here if missing, before timing).
     cache = open_cache([item.image for item in items], config.model.image_size)[0] if config.runtime.cache else None
     contrastive, pieces = objectives.build(config)
-    for piece in pieces:
-        piece.setup(items, device, pick_workers(config, device), cache=config.runtime.cache)
+    for piece in pieces:  # what an objective computes before training, outside the timing
+        piece.setup(MiniCLIP(config.model), items, device, pick_workers(config, device), cache=config.runtime.cache)
     dataset = PairDataset(items, config.model.image_size, config.data.mean, config.data.std, tc.crop_scale,
                           tc.captions, tc.seed, cache=cache, device_crops=device_crops(config, device, cache is not None),
                           extra_views=objectives.crop_scales(config, pieces)[1:])

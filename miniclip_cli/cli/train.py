@@ -115,6 +115,7 @@ def train_command(
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Run folder. Default: artifacts/runs/DATASET (numbered if taken)."),
     tokenizer_path: Optional[Path] = typer.Option(None, "--tokenizer", help="A tokenizer.json to use; default: train one on the training captions."),
     vocab_size: Optional[int] = typer.Option(None, "--vocab-size", help="Vocabulary size when training the tokenizer (10,000)."),
+    teacher: Optional[Path] = typer.Option(None, "--teacher", help="A trained run to learn from (--preset distill): its tokenizer and text tower, frozen, and its image features as targets. Only training needs it."),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Passes over the training images. Default: the preset's, or 10 on the built-in data."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per micro-batch and process; the loss sees processes x accum-steps x this many, all negatives of each other. Default: the preset's (128)."),
     accum_steps: Optional[int] = typer.Option(None, "--accum-steps", help="Micro-batches per optimizer step: a contrastive batch accum-steps times larger, in the memory of one."),
@@ -176,7 +177,8 @@ def train_command(
     runtime = {"max_steps": max_steps, "workers": workers, "cache": cache, "compile": compile_model,
                "precision": precision}
     # What the run learns: fixed once it has started.
-    recipe_flags = {"--data": data, "--tokenizer": tokenizer_path, "--vocab-size": vocab_size, "--batch-size": batch_size,
+    recipe_flags = {"--data": data, "--tokenizer": tokenizer_path, "--vocab-size": vocab_size, "--teacher": teacher,
+                    "--batch-size": batch_size,
                     "--accum-steps": accum_steps, "--lr": lr, "--weight-decay": weight_decay, "--captions": captions,
                     "--seed": seed, "--preset": preset, "--set": overrides, "--val-data": val_data,
                     "--zero-shot": zero_shot, "--overwrite": overwrite or None}
@@ -238,7 +240,8 @@ def train_command(
                     clear_run(run)
                 distributed.barrier()
             flags = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
-                     "captions": captions, "accum_steps": accum_steps, "seed": seed}
+                     "captions": captions, "accum_steps": accum_steps, "seed": seed,
+                     "teacher": None if teacher is None else str(teacher.expanduser().resolve())}
             runtime_config = RuntimeConfig(**{k: v for k, v in runtime.items() if v is not None})
             for name, value in flags.items():
                 if value is not None:
@@ -277,6 +280,12 @@ def train_command(
                 data_config.zero_shot = str(zero_shot.expanduser().resolve())
             config = apply_overrides(RunConfig(model=model_config, train=train_config, data=data_config,
                                                runtime=runtime_config), overrides or [])
+            if config.train.teacher:  # its text tower is taken over, and with it its tokenizer and text settings
+                if tokenizer_path is not None:
+                    raise ConfigError("--tokenizer: a run with --teacher uses the teacher's own tokenizer; leave it out")
+                from ..objectives import teacher_text
+
+                tokenizer, config.model = teacher_text(Path(config.train.teacher), config.model)
 
         context = config.model.context_length
         report = _tokenizer_report(tokenizer, train_captions, context)
