@@ -168,7 +168,7 @@ def fit(config: RunConfig, tokenizer: Tokenizer, train_items: list[ImageCaptions
         model.visual.tune(tc.tower_tuned)
     contrastive, pieces = objectives.build(config)
     workers = pick_workers(config, device)
-    started = time.perf_counter()  # a pretrained tower's pass over the images, as a teacher or as the image tower
+    started = time.perf_counter()  # a pretrained tower's or a teacher's pass over the images
     for piece in pieces:
         piece.setup(model, train_items, device, workers, callbacks.on_cache_progress, config.runtime.cache)
     trainee = Trainee(model, pieces).to(device)

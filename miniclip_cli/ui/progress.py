@@ -47,7 +47,8 @@ class TrainProgress:
         self.steps_per_epoch = steps_per_epoch
         if info.get("tower_seconds") is not None:
             kept = "; a run on the same images reads its features from the cache" if info.get("tower_kept") else ""
-            err.print(f"the pretrained tower's pass over the images took {info['tower_seconds']:.1f} s{kept}")
+            err.print(f"computed the pretrained tower's or teacher's features of the images in "
+                      f"{info['tower_seconds']:.1f} s{kept}")
         if info.get("cache_seconds") is not None:
             err.print(f"decoded the training images into the cache in {info['cache_seconds']:.1f} s; "
                       "later epochs and runs read them from it")
