@@ -225,7 +225,7 @@ def cache_entries(root: Path | None = None) -> list[dict]:
         if folder.is_symlink() or not folder.is_dir() or not (ENTRY.fullmatch(folder.name) or folder.name.startswith(STAGING)):
             continue
         entry = {"folder": str(folder), "bytes": _bytes_in(folder), "images": None, "size": None,
-                 "state": "building" if folder.name.startswith(STAGING) else "ok"}
+                 "state": "building" if folder.name.startswith(STAGING) else "ok", "kind": "images"}
         if entry["state"] == "ok":
             try:
                 index = json.loads((folder / INDEX).read_text(encoding="utf-8"))
