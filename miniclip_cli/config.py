@@ -25,8 +25,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # EfficientNet-Lite0 weights (efficientnet.py) were trained with; ImageNet's statistics cost them 11 points on daisies.
 TF_MEAN = (127 / 255,) * 3
 TF_STD = (128 / 255,) * 3
-# EfficientNet-Lite0's input size in --preset lit and as the teacher of --preset distill: as good as 224 px for a
-# third of the cost (scripts/probe_lite0.py)
+# EfficientNet-Lite0's input size in --preset lit: as good as 224 px for a third of the cost (scripts/probe_lite0.py)
 TOWER_SIZE = 160
 
 

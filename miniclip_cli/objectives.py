@@ -9,7 +9,6 @@ prepares for it, and its loss), one line in OBJECTIVES, a weight in config.Train
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from pathlib import Path
 
 import torch
@@ -114,7 +113,7 @@ class TeacherDistillation(Objective):
         from .checkpoint import load_run
         from .data.cache import FEATURES_SUFFIX, cache_key, default_root
         from .data.shards import ShardSet
-        from .features import cached_array
+        from .features import cached_array, weights_digest
         from .runtime import TorchEncoder
 
         if isinstance(items, ShardSet):
@@ -134,10 +133,7 @@ class TeacherDistillation(Objective):
         if not cache:
             self.features = compute()
             return
-        weights = hashlib.sha1()
-        for name, tensor in teacher.state_dict().items():
-            weights.update(name.encode() + tensor.detach().cpu().contiguous().numpy().tobytes())
-        salt = f"/teacher/1/{tuple(config.data.mean)}/{tuple(config.data.std)}/{weights.hexdigest()}"
+        salt = f"/teacher/1/{tuple(config.data.mean)}/{tuple(config.data.std)}/{weights_digest(teacher)}"
         file = default_root() / f"{cache_key(paths, config.model.image_size, salt)}{FEATURES_SUFFIX}"
         self.features = cached_array(file, (len(paths),), compute)
 
@@ -145,7 +141,7 @@ class TeacherDistillation(Objective):
         return self.features[images]
 
     def forward(self, outputs, prepared):
-        return (1 - (outputs["image"].float() * prepared.to(outputs["image"].device)).sum(-1)).mean()
+        return (1 - (outputs["image"].float() * prepared).sum(-1)).mean()  # the loop moved `prepared` there
 
 
 # What a run taught by a teacher takes over with its text tower (TeacherDistillation): every setting that shapes it.
