@@ -130,7 +130,7 @@ def bench_training(items, tokenizer, config, device, steps: int = 5, warmup: int
     from .device import autocast_dtype
     from .model import MiniCLIP
     from .optim import make_optimizer
-    from .train import Trainee, global_batch_backward, transform_views
+    from .train import Trainee, global_batch_backward, text_groups, transform_views
 
     tc = config.train
     # As `miniclip train` reads them: from the decoded-image cache (built here if missing, before timing).
@@ -173,7 +173,8 @@ def bench_training(items, tokenizer, config, device, steps: int = 5, warmup: int
         def __init__(self, pad_to: str, amp, compiled: bool):
             torch.manual_seed(tc.seed)
             model = MiniCLIP(config.model).to(device)
-            self.trainee = Trainee(model, objectives.build(config)[1]).to(device).train()
+            groups = text_groups(device) if pad_to == "longest" else 1  # plain: every caption at the full context
+            self.trainee = Trainee(model, objectives.build(config)[1], groups).to(device).train()
             self.net = torch.compile(self.trainee) if compiled else self.trainee
             self.optimizer = make_optimizer([model, self.trainee.objectives], tc)
             self.batches, self.amp, self.times = batches(pad_to), amp, []

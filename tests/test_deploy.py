@@ -39,6 +39,25 @@ def test_onnx_matches_pytorch_on_new_inputs_and_batch_sizes(exported_run, tiny_d
     assert np.abs(torch_encoder.encode_texts(texts) - onnx_encoder.encode_texts(texts)).max() < 1e-4
 
 
+def test_texts_are_encoded_in_batches_of_alike_length_and_returned_in_order(exported_run):
+    from miniclip_cli.checkpoint import load_run
+
+    model, config, tokenizer = load_run(exported_run)
+    encoder = TorchEncoder(model, tokenizer, config.data.mean, config.data.std, precision="fp32")
+    texts = [" ".join(["a red circle"] * (i % 5 + 1)) for i in range(7)]
+    one_by_one = np.concatenate([encoder.encode_texts([t]) for t in texts])
+    widths = []
+    encode_tokens = encoder.encode_tokens
+    def recording(ids, lengths):
+        widths.append((ids.shape[1], max(lengths)))
+        return encode_tokens(ids, lengths)
+
+    encoder.encode_tokens = recording
+    assert np.abs(encoder.encode_texts(texts, batch_size=3) - one_by_one).max() < 1e-5
+    assert [w for w, _ in widths] == [l for _, l in widths] and len(widths) == 3  # each batch as wide as its longest
+    assert widths == sorted(widths)
+
+
 def test_quantize_json_reports_accuracy_change(runner, exported_run, tiny_dataset):
     payload = json_of(run_cli(runner, "quantize", exported_run, "--zero-shot", tiny_dataset / "zero_shot", "--json"))
     accuracy = payload["accuracy"]

@@ -41,6 +41,21 @@ def test_padding_does_not_change_text_features():
     assert torch.allclose(short, full, atol=1e-6)
 
 
+def test_length_groups_give_the_same_text_features_and_gradients():
+    torch.manual_seed(0)
+    model = MiniCLIP(tiny_model_config(100)).eval()
+    lengths = torch.tensor([9, 3, 12, 4, 7, 3, 5, 11, 6])
+    tokens = torch.randint(3, 100, (9, 12)) * (torch.arange(12) < lengths[:, None])  # <pad> (0) after each end
+    features = {}
+    for groups in (1, 3):
+        model.zero_grad()
+        features[groups] = model.encode_text(tokens, lengths, groups=groups)
+        features[groups].sum().backward()
+        features[groups] = features[groups].detach(), model.text.token_embed.weight.grad.clone()
+    assert torch.allclose(features[1][0], features[3][0], atol=1e-5)
+    assert torch.allclose(features[1][1], features[3][1], atol=1e-5)
+
+
 def reference_loss(image_features, text_features, scale):
     """The CLIP paper's pseudo-code, written out loop by loop."""
     n = image_features.shape[0]
