@@ -86,8 +86,9 @@ def tower_features(backbone: torch.nn.Module, paths: list[Path], seen: TowerInpu
         for crops in loader:  # b v c s s
             b = len(crops)
             crops = crops.flatten(0, 1).to(device).contiguous(memory_format=torch.channels_last)
-            # '(b v) c s s -> (b v) 1280', or the tuned blocks' input '(b v) c h w'
-            features = net.start(crops, seen.tuned).contiguous()
+            # '(b v) c s s -> (b v) 1280', or the tuned blocks' input '(b v) c h w'; 32 crops at a time, since the
+            # activations of more outgrow a CPU's caches (160 px: 101 crops/s at 32, 46 at 128 on 2 AVX2 cores)
+            features = torch.cat([net.start(part, seen.tuned) for part in crops.split(32)]).contiguous()
             out.append(features.float().cpu().view(b, seen.views, *features.shape[1:]))  # '(b v) ... -> b v ...'
             done += b
             if progress:
