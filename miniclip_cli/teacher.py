@@ -8,7 +8,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import numpy as np
 import torch
+from torch import nn
 
 from .errors import ConfigError
 
@@ -26,8 +28,8 @@ class CaptionTeacher:
         try:
             import wordllama
         except ImportError:
-            raise ConfigError(f"train.distill needs the WordLlama caption teacher: {INSTALL}, or set "
-                              "train.distill=0") from None
+            raise ConfigError(f"train.distill and train.teacher_tokens need the WordLlama caption teacher: {INSTALL}, "
+                              "or set train.distill=0 and train.teacher_tokens=false") from None
         finally:  # wordllama's import calls logging.basicConfig; the CLI's output stays ours
             root.handlers[:], root.level = handlers, level
         from safetensors import safe_open
@@ -41,10 +43,25 @@ class CaptionTeacher:
         for path in (tokenizer_file, weights_file):
             if not path.is_file():
                 raise ConfigError(f"{path}: missing from the installed wordllama; reinstall it ({INSTALL}) "
-                                  "or set train.distill=0")
+                                  "or set train.distill=0 and train.teacher_tokens=false")
         with safe_open(str(weights_file), framework="np") as f:
             embedding = f.get_tensor("embedding.weight")
         self.model = wordllama.WordLlamaInference(embedding, Tokenizer.from_file(str(tokenizer_file)))
 
     def __call__(self, captions: list[str]) -> torch.Tensor:
         return torch.from_numpy(self.model.embed(list(captions), norm=True))
+
+    def start_tokens(self, embedding: nn.Embedding, tokens: list[str]) -> int:
+        """Overwrite each row of `embedding` (vocab x width) with the teacher's embedding of that token's text,
+        cut to the first min(width, dim) dimensions (WordLlama is trained so that its embeddings can be cut short)
+        at the row norm of the model's random start, 0.02 per dimension. Rows of tokens it cannot embed (the
+        specials, whose text is empty) keep their random start. Returns how many rows were set."""
+        with np.errstate(invalid="ignore", divide="ignore"):  # an empty text embeds as 0 / 0
+            rows = self(tokens)
+        k = min(embedding.weight.shape[1], self.dim)
+        rows = rows[:, :k]
+        known = torch.isfinite(rows).all(-1) & (rows.norm(dim=-1) > 1e-3)
+        rows = nn.functional.normalize(rows[known], dim=-1) * 0.02 * k**0.5
+        with torch.no_grad():
+            embedding.weight[known.nonzero()[:, 0].to(embedding.weight.device), :k] = rows.to(embedding.weight)
+        return int(known.sum())

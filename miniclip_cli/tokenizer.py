@@ -77,6 +77,10 @@ class Tokenizer:
         size = self.vocab_size
         return self.hf.decode([int(i) for i in ids if 0 <= i < size], skip_special_tokens=True).strip()
 
+    def texts(self) -> list[str]:
+        """Each token's own text, by id ("" for the specials): " dog" for the token of the word dog."""
+        return [self.hf.decode([i]) for i in range(self.vocab_size)]
+
     def to_json(self) -> str:
         """What save writes: the whole tokenizer (vocabulary, merges, normaliser, specials) as JSON."""
         return self.hf.to_str(pretty=True)

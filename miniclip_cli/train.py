@@ -173,6 +173,10 @@ def fit(config: RunConfig, tokenizer: Tokenizer, train_items: list[ImageCaptions
     tc = config.train
     torch.manual_seed(tc.seed)
     model = MiniCLIP(config.model).to(device)
+    if tc.teacher_tokens:
+        from .teacher import CaptionTeacher
+
+        CaptionTeacher().start_tokens(model.text.token_embed, tokenizer.texts())
     if isinstance(model.visual, FrozenTower):
         model.visual.tune(tc.tower_tuned)
     contrastive, pieces = objectives.build(config)

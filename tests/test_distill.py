@@ -1,4 +1,5 @@
-"""train.distill: the caption-similarity loss, the WordLlama teacher, and training with both."""
+"""train.distill and train.teacher_tokens: the caption-similarity loss, the WordLlama teacher, the token embeddings
+it starts, and training with them."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from miniclip_cli.config import RunConfig, apply_overrides
+from miniclip_cli.config import RunConfig, apply_overrides, load_run_config
 from miniclip_cli.errors import ConfigError
 from miniclip_cli.loss import distill_loss
+from miniclip_cli.tokenizer import train_tokenizer
 
 from .conftest import json_of, run_cli
 
@@ -77,4 +79,50 @@ def test_missing_teacher_is_one_line_exit_3(runner, tiny_dataset, tmp_path, monk
     monkeypatch.setitem(sys.modules, "wordllama", None)  # import wordllama now raises ImportError
     result = run_cli(runner, "train", "--data", tiny_dataset, "--out", tmp_path / "run", "--preset", "tiny",
                      "--epochs", 1, "--workers", 0, "--vocab-size", 300, "--set", "train.distill=1", code=3)
+    assert "pip install 'miniclip[distill]'" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("width", [32, 300])
+def test_teacher_tokens_start_alike_words_alike(width):
+    pytest.importorskip("wordllama")
+    from miniclip_cli.teacher import CaptionTeacher
+
+    words = ("dog", "puppy", "guitar")
+    tokenizer = train_tokenizer([f"a {w} on the {w}" for w in words] * 20, vocab_size=300)
+    ids = [tokenizer.hf.token_to_id(f"\u0120{w}") for w in words]  # byte-level BPE spells the leading space as \u0120
+    assert None not in ids
+    embedding = torch.nn.Embedding(tokenizer.vocab_size, width)
+    torch.nn.init.normal_(embedding.weight, std=0.02)
+    before = embedding.weight.detach().clone()
+    assert CaptionTeacher().start_tokens(embedding, tokenizer.texts()) == tokenizer.vocab_size - 3
+    after = embedding.weight.detach()
+    k = min(width, 256)
+    rows = F.normalize(after[ids, :k], dim=-1)
+    assert rows[0] @ rows[1] > rows[0] @ rows[2] + 0.2  # dog starts nearer puppy than guitar; at random, ~0 both
+    taught = torch.ones(tokenizer.vocab_size, dtype=torch.bool)
+    taught[[tokenizer.hf.token_to_id(t) for t in ("<pad>", "<start>", "<end>")]] = False
+    assert torch.equal(after[~taught], before[~taught])  # the specials have no text: their random start stays
+    assert torch.allclose(after[taught, :k].norm(dim=-1), torch.full((int(taught.sum()),), 0.02 * k**0.5), atol=1e-5)
+    assert torch.equal(after[:, k:], before[:, k:])  # past the teacher's 256 dimensions, the random start stays
+
+
+def test_train_with_teacher_tokens(runner, tiny_dataset, tmp_path):
+    pytest.importorskip("wordllama")
+    out = tmp_path / "run"
+    result = json_of(run_cli(runner, "train", "--data", tiny_dataset, "--preset", "tiny", "--epochs", 1,
+                             "--batch-size", 8, "--workers", 0, "--vocab-size", 300, "--out", out, "--json",
+                             "--set", "train.teacher_tokens=true"))
+    assert result["steps"] > 0 and math.isfinite(result["last"]["train_loss"])
+    assert load_run_config(out).train.teacher_tokens
+
+
+def test_teacher_tokens_are_refused_with_a_teacher_run():
+    with pytest.raises(ConfigError, match="teacher_tokens"):
+        apply_overrides(RunConfig(), ["train.teacher_tokens=true", "train.teacher=runs/lit", "train.image_teacher=1"])
+
+
+def test_teacher_tokens_without_wordllama_is_one_line_exit_3(runner, tiny_dataset, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wordllama", None)
+    result = run_cli(runner, "train", "--data", tiny_dataset, "--out", tmp_path / "run", "--preset", "tiny",
+                     "--epochs", 1, "--workers", 0, "--vocab-size", 300, "--set", "train.teacher_tokens=true", code=3)
     assert "pip install 'miniclip[distill]'" in result.output and "Traceback" not in result.output
