@@ -63,5 +63,5 @@ class CaptionTeacher:
         known = torch.isfinite(rows).all(-1) & (rows.norm(dim=-1) > 1e-3)
         rows = nn.functional.normalize(rows[known], dim=-1) * 0.02 * k**0.5
         with torch.no_grad():
-            embedding.weight[known.nonzero()[:, 0].to(embedding.weight.device), :k] = rows.to(embedding.weight)
+            embedding.weight[known.to(embedding.weight.device), :k] = rows.to(embedding.weight)
         return int(known.sum())
