@@ -125,7 +125,7 @@ def bench_training(items, tokenizer, config, device, steps: int = 5, warmup: int
 
     from . import objectives
     from .data.cache import open_cache
-    from .data.feeding import Collate, batch_to_device, device_crops, pick_workers
+    from .data.feeding import Collate, batch_to_device, device_crops, load_batches, pick_workers
     from .data.images import PairDataset
     from .device import autocast_dtype
     from .model import MiniCLIP
@@ -145,10 +145,9 @@ def bench_training(items, tokenizer, config, device, steps: int = 5, warmup: int
     if len(dataset) < needed:
         raise ConfigError(f"{len(dataset)} training pairs, but {steps + warmup} steps of batch {tc.batch_size} "
                           f"need {needed}; lower --batch-size or --steps, or use more data")
-    loader = torch.utils.data.DataLoader(dataset, batch_size=tc.batch_size, shuffle=False,
-                                         num_workers=pick_workers(config, device),
-                                         collate_fn=list)  # raw samples: each way tokenises them itself
     start = time.perf_counter()
+    # raw samples: each way tokenises them itself
+    loader = load_batches(dataset, pick_workers(config, device), batch_size=tc.batch_size, collate_fn=list)
     raw = [batch for _, batch in zip(range(steps + warmup), loader)]
     data_seconds = time.perf_counter() - start
     context = config.model.context_length

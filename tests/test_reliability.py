@@ -559,3 +559,42 @@ def test_auto_precision_takes_bf16_only_on_cpus_that_compute_it_natively(bf16, a
     assert autocast_dtype(torch.device("cpu"), "auto") == expected
     assert autocast_dtype(torch.device("cpu"), "bf16") == torch.bfloat16  # asked for: always
     assert autocast_dtype(torch.device("cpu"), "fp32") is None
+
+
+class _Collecting(torch.utils.data.Dataset):
+    """Runs the garbage collector in the loader process, as any allocation there may."""
+
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, index):
+        import gc
+
+        gc.collect()
+        return torch.zeros(1)
+
+
+def test_loader_processes_never_finalise_what_this_process_let_go(tmp_path):
+    # An ONNX Runtime session freed in a forked loader process waits forever in its destructor for thread-pool
+    # threads that exist only here (bench-train after quantize in one process hung so). `Let go` stands for it.
+    import gc
+
+    from miniclip_cli.data.feeding import load_batches
+
+    parent = os.getpid()
+
+    class LetGo:
+        def __init__(self):
+            self.cycle = self  # only the garbage collector frees it
+
+        def __del__(self):
+            if os.getpid() != parent:
+                (tmp_path / f"finalised-in-{os.getpid()}").touch()
+
+    gc.disable()
+    try:
+        LetGo()
+        batches = list(load_batches(_Collecting(), workers=1, batch_size=1))
+    finally:
+        gc.enable()
+    assert len(batches) == 2 and not list(tmp_path.iterdir())

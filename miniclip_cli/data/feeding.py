@@ -3,6 +3,7 @@ collation, and moving a micro-batch to the training device, its crops cut there 
 
 from __future__ import annotations
 
+import gc
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -66,6 +67,21 @@ class EpochSampler(torch.utils.data.Sampler):
 
     def __len__(self) -> int:
         return len(self.order)
+
+
+def load_batches(dataset, workers: int, **options) -> Iterator:
+    """Batches of `dataset` from `workers` loader processes (DataLoader `options`), which leave what they inherit
+    to this process: a forked process's garbage collector would free what this one had let go but not yet
+    collected, and an ONNX Runtime session freed so waits forever for thread-pool threads that exist only here.
+    So this process collects before they fork, and each freezes what it inherited."""
+    if workers:
+        gc.collect()
+    return iter(torch.utils.data.DataLoader(dataset, num_workers=workers,
+                                            worker_init_fn=_freeze_inherited, **options))
+
+
+def _freeze_inherited(worker_id: int) -> None:
+    gc.freeze()
 
 
 def pick_workers(config: RunConfig, device: torch.device) -> int:
@@ -150,6 +166,5 @@ class TrainingData:
             self.dataset.set_epoch(epoch)
             sampler = EpochSampler(len(self.dataset), self.dataset.seed, epoch, done_steps * self.global_batch,
                                    self.batch_size, self.world.rank, self.world.world_size, self.length)
-        return iter(torch.utils.data.DataLoader(
-            self.dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.workers,
-            collate_fn=self.collate, pin_memory=self.device.type == "cuda", persistent_workers=False))
+        return load_batches(self.dataset, self.workers, batch_size=self.batch_size, sampler=sampler,
+                            collate_fn=self.collate, pin_memory=self.device.type == "cuda")
