@@ -181,9 +181,10 @@ def fit(config: RunConfig, tokenizer: Tokenizer, train_items: list[ImageCaptions
         model.visual.tune(tc.tower_tuned)
     contrastive, pieces = objectives.build(config)
     workers = pick_workers(config, device)
-    started = time.perf_counter()  # a pretrained tower's or a teacher's pass over the images
+    started = time.perf_counter()  # a teacher's pass over the images
     for piece in pieces:
         piece.setup(model, train_items, device, workers, callbacks.on_cache_progress, config.runtime.cache)
+    tower_seconds = time.perf_counter() - started
     trainee = Trainee(model, pieces, text_groups(device)).to(device)
     optimizer = make_optimizer([model, trainee.objectives], tc)
     collate = Collate(tokenizer, config.model.context_length, tuple(o.prepare for o in pieces))
@@ -196,9 +197,10 @@ def fit(config: RunConfig, tokenizer: Tokenizer, train_items: list[ImageCaptions
         if isinstance(train_items, ShardSet):
             raise ConfigError(f"model.vision={config.model.vision} caches the frozen tower's features of every image; "
                               "train it on an image dataset (a captions file), not on shards")
+        started = time.perf_counter()  # a pretrained tower's pass over the images
         cached, val_cache = features.prepare(config, model, train_items, val_items, device, workers,
                                              callbacks.on_cache_progress)
-    tower_seconds = time.perf_counter() - started
+        tower_seconds += time.perf_counter() - started
     data = TrainingData(config, train_items, world, collate, workers, device, extra_views, callbacks.on_cache_progress,
                         callbacks.on_notice, dataset=cached)
     steps_per_epoch = data.steps_per_epoch

@@ -174,3 +174,16 @@ def test_odd_image_modes_load_as_rgb(tmp_path):
         Image.new(mode, (20, 10), colour).save(path)
         image = load_rgb(path)
         assert image.mode == "RGB" and image.size == (20, 10), mode
+
+
+def test_only_a_teachers_or_towers_pass_is_reported_as_one(runner, tiny_dataset, tmp_path, monkeypatch):
+    # a run with neither: a slow optimiser set-up is no pass over the images
+    import time
+
+    from miniclip_cli import train
+
+    make_optimizer = train.make_optimizer
+    monkeypatch.setattr(train, "make_optimizer", lambda *a: (time.sleep(1.5), make_optimizer(*a))[1])
+    result = run_cli(runner, "train", "--data", tiny_dataset, "--out", tmp_path / "run", "--preset", "tiny",
+                     "--epochs", 1, "--batch-size", 8, "--workers", 0, "--vocab-size", 300)
+    assert "features of the images" not in result.output
