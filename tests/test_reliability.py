@@ -4,6 +4,7 @@ unwritable or full disks, absent devices. Each bad input ends in a warning with 
 from __future__ import annotations
 
 import errno
+import gc
 import json
 import os
 import pickle
@@ -568,8 +569,6 @@ class _Collecting(torch.utils.data.Dataset):
         return 2
 
     def __getitem__(self, index):
-        import gc
-
         gc.collect()
         return torch.zeros(1)
 
@@ -577,8 +576,6 @@ class _Collecting(torch.utils.data.Dataset):
 def test_loader_processes_never_finalise_what_this_process_let_go(tmp_path):
     # An ONNX Runtime session freed in a forked loader process waits forever in its destructor for thread-pool
     # threads that exist only here (bench-train after quantize in one process hung so). `Let go` stands for it.
-    import gc
-
     from miniclip_cli.data.feeding import load_batches
 
     parent = os.getpid()
