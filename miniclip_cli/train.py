@@ -181,26 +181,24 @@ def fit(config: RunConfig, tokenizer: Tokenizer, train_items: list[ImageCaptions
         model.visual.tune(tc.tower_tuned)
     contrastive, pieces = objectives.build(config)
     workers = pick_workers(config, device)
-    started = time.perf_counter()  # a teacher's pass over the images
+    runtime = config.runtime
+    val_items = val_items[: runtime.val_images]
+    cached, val_cache = None, None  # a frozen tower's features (features.py), computed once per run
+    started = time.perf_counter()  # a teacher's or a pretrained tower's pass over the images
     for piece in pieces:
-        piece.setup(model, train_items, device, workers, callbacks.on_cache_progress, config.runtime.cache)
+        piece.setup(model, train_items, device, workers, callbacks.on_cache_progress, runtime.cache)
+    if isinstance(model.visual, FrozenTower):
+        if isinstance(train_items, ShardSet):
+            raise ConfigError(f"model.vision={config.model.vision} caches the frozen tower's features of every image; "
+                              "train it on an image dataset (a captions file), not on shards")
+        cached, val_cache = features.prepare(config, model, train_items, val_items, device, workers,
+                                             callbacks.on_cache_progress)
     tower_seconds = time.perf_counter() - started
     trainee = Trainee(model, pieces, text_groups(device)).to(device)
     optimizer = make_optimizer([model, trainee.objectives], tc)
     collate = Collate(tokenizer, config.model.context_length, tuple(o.prepare for o in pieces))
     # Objectives' views after the captions' crop, and the transforms they want on them, in batch order.
     extra_views = objectives.crop_scales(config, pieces)[1:]
-    runtime = config.runtime
-    val_items = val_items[: runtime.val_images]
-    cached, val_cache = None, None  # a frozen tower's features (features.py), computed once per run
-    if isinstance(model.visual, FrozenTower):
-        if isinstance(train_items, ShardSet):
-            raise ConfigError(f"model.vision={config.model.vision} caches the frozen tower's features of every image; "
-                              "train it on an image dataset (a captions file), not on shards")
-        started = time.perf_counter()  # a pretrained tower's pass over the images
-        cached, val_cache = features.prepare(config, model, train_items, val_items, device, workers,
-                                             callbacks.on_cache_progress)
-        tower_seconds += time.perf_counter() - started
     data = TrainingData(config, train_items, world, collate, workers, device, extra_views, callbacks.on_cache_progress,
                         callbacks.on_notice, dataset=cached)
     steps_per_epoch = data.steps_per_epoch
